@@ -1,0 +1,26 @@
+# Two entry points, both work on a fresh machine:
+#   make demo   create .venv, install nanolisa, fine-tune the built-in tiny model on the demo data with LISA
+#   make test   create .venv, install nanolisa with the test oracles, run the test suite
+# torch==2.13.0 is installed first: it is a CPU wheel, and installing it before the package keeps pip
+# from pulling a multi-GB CUDA build. Set TORCH=torch (or another spec) to choose your own build.
+PY ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test venv
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+venv: $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+
+demo: venv
+	$(BIN)/pip install -q -e ".[plot]"
+	$(BIN)/python train.py
+
+test: venv
+	$(BIN)/pip install -q -e ".[test,plot]"
+	$(BIN)/python -m pytest tests

@@ -1,0 +1,31 @@
+"""Errors a user can cause, and how the command-line tools report them.
+
+Anything the user controls (a flag, a model directory, a data file) is checked at the edge and raises
+`UserError` with one line that says what is wrong and how to fix it. The CLIs wrap their `main` in
+`run_cli`, which prints that line to stderr and exits with status 2, with no traceback. Bugs in nanolisa
+itself still raise ordinary exceptions with a full traceback, so they get reported and fixed.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2."""
+
+
+def fail(message: str) -> NoReturn:
+    raise UserError(message)
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a CLI entry point; turn a UserError into `error: ...` on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
