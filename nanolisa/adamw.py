@@ -1,0 +1,102 @@
+"""AdamW, written out: Adam (Kingma & Ba, 2015) with decoupled weight decay (Loshchilov & Hutter, 2019).
+
+A drop-in for `torch.optim.AdamW` (no amsgrad / maximize / fused / capturable), computed with the same
+multi-tensor `torch._foreach_*` ops in the same order as torch's `foreach=True` path, so the two agree to
+floating-point rounding (tests/test_adamw.py checks this over hundreds of steps). The per-parameter state
+has torch's layout -- `step` (a float32 CPU scalar tensor), `exp_avg`, `exp_avg_sq` -- so the inherited
+`state_dict()` / `load_state_dict()` round-trip and a resumed run is bit-exact.
+
+For one parameter p with gradient g at step t (lr = learning rate, wd = weight decay):
+
+    p   <- p * (1 - lr * wd)                       decoupled weight decay   (L&H Alg. 2, line 12)
+    m   <- b1 * m + (1 - b1) * g                   first moment             (K&B Alg. 1)
+    v   <- b2 * v + (1 - b2) * g^2                 second moment            (K&B Alg. 1)
+    p   <- p - lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)           (K&B Sec. 2, eps placement as torch)
+
+What LISA (nanolisa/lisa.py) relies on -- the memory rules:
+  * State (m, v: two extra copies of the parameter) is allocated lazily, only for a parameter that has
+    requires_grad=True AND a .grad at step time. So the optimizer can be built over ALL model parameters:
+    frozen ones cost nothing, and a layer unfrozen later is picked up automatically (the bug in LMFlow
+    issue 726 was an optimizer built only from the parameters trainable at start-up).
+  * At every step() the state of any parameter in the groups whose requires_grad is now False is freed,
+    and `release(params)` frees it explicitly (LISA calls it right at each layer switch). Without this,
+    state of every layer ever sampled accumulates until memory equals full fine-tuning (LMFlow 729, 768).
+  * A parameter that re-joins later starts with FRESH state (step 0, m = v = 0), exactly as if a new
+    optimizer had been created for the newly sampled layers. This is deliberate: its old moments are
+    stale (the other layers moved meanwhile), and keeping them is precisely the memory LISA saves.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Iterable
+
+import torch
+
+
+class AdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid betas: {betas}")
+        if eps < 0.0 or weight_decay < 0.0:
+            raise ValueError(f"Invalid eps / weight_decay: {eps} / {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=True)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def release(self, params: Iterable[torch.Tensor]) -> None:
+        """Free the optimizer state (m, v, step) of `params`; they start fresh if they train again."""
+        for p in params:
+            self.state.pop(p, None)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            # Frozen parameters drop their state (see the module docstring: this is LISA's memory saving).
+            self.release(p for p in group["params"] if not p.requires_grad)
+            # Gather the parameters that take a step now, grouped by (device, dtype): each foreach call
+            # below launches one fused kernel per group instead of one kernel per tensor.
+            buckets: dict[tuple, list[list[torch.Tensor]]] = defaultdict(lambda: [[], [], [], [], []])
+            for p in group["params"]:
+                if not p.requires_grad or p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:  # lazy init: t = 0, m_0 = 0, v_0 = 0  (K&B Alg. 1)
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)  # on CPU, as torch does
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                b = buckets[(p.device, p.dtype)]
+                for lst, t in zip(b, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                    lst.append(t)
+
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for params, grads, exp_avgs, exp_avg_sqs, steps in buckets.values():
+                self._update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, wd, eps)
+        return loss
+
+    @staticmethod
+    def _update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, wd, eps) -> None:
+        """One AdamW step for a list of same-device, same-dtype tensors (torch's foreach op order)."""
+        torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)      # t <- t + 1
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)                  # p <- p * (1 - lr*wd)        (L&H, decoupled)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)              # m <- b1*m + (1-b1)*g       (K&B)
+        torch._foreach_mul_(exp_avg_sqs, beta2)                       # v <- b2*v ...
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)  #          ... + (1-b2)*g^2  (K&B)
+        ts = [s.item() for s in steps]
+        step_size = [(lr / (1 - beta1 ** t)) * -1 for t in ts]        # -lr / (1 - b1^t)           (bias correction of m)
+        bc2_sqrt = [(1 - beta2 ** t) ** 0.5 for t in ts]              # sqrt(1 - b2^t)             (bias correction of v)
+        denom = torch._foreach_sqrt(exp_avg_sqs)                      # sqrt(v)
+        torch._foreach_div_(denom, bc2_sqrt)                          # sqrt(v / (1 - b2^t)) = sqrt(v_hat)
+        torch._foreach_add_(denom, eps)                               # sqrt(v_hat) + eps
+        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)   # p <- p - lr/(1-b1^t) * m / denom

@@ -1,0 +1,155 @@
+"""nanolisa.adamw.AdamW against torch.optim.AdamW, plus the memory rules LISA depends on."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from nanolisa.adamw import AdamW
+
+
+def make_problem(seed: int = 0):
+    """A few parameters of different shapes and a fixed random quadratic-ish loss on them."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 5), (5,), (3, 4, 2), (11,), (6, 6)]
+    params = [torch.randn(s, generator=g) for s in shapes]
+    targets = [torch.randn(s, generator=g) for s in shapes]
+    return params, targets
+
+
+def clone_params(params):
+    return [p.detach().clone().requires_grad_(True) for p in params]
+
+
+def groups(ps):
+    # Several param groups with different lr / weight decay (and one with weight decay 0).
+    return [
+        {"params": ps[0:2], "lr": 1e-2, "weight_decay": 0.1},
+        {"params": ps[2:4], "lr": 3e-3, "weight_decay": 0.0},
+        {"params": ps[4:], "lr": 5e-2, "weight_decay": 0.01, "betas": (0.8, 0.95)},
+    ]
+
+
+def loss_fn(ps, targets, step: int):
+    # Step-dependent loss so gradients keep changing in size and sign.
+    return sum(((p - t) ** 2 * (1 + (step % 3)) + (p * t).sin()).sum() for p, t in zip(ps, targets))
+
+
+def assert_close(a_list, b_list, rtol=1e-6):
+    for a, b in zip(a_list, b_list):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_parity_with_torch_adamw(foreach):
+    params, targets = make_problem()
+    ours_p, ref_p = clone_params(params), clone_params(params)
+    ours = AdamW(groups(ours_p), eps=1e-8)
+    ref = torch.optim.AdamW(groups(ref_p), eps=1e-8, foreach=foreach)
+    for step in range(200):
+        for ps, opt in ((ours_p, ours), (ref_p, ref)):
+            opt.zero_grad()
+            loss_fn(ps, targets, step).backward()
+            opt.step()
+    assert_close(ours_p, ref_p)
+    if foreach:  # same ops in the same order: identical bits
+        assert all(torch.equal(a, b) for a, b in zip(ours_p, ref_p))
+    for a, b in zip(ours_p, ref_p):  # state layout matches torch's
+        sa, sb = ours.state[a], ref.state[b]
+        assert set(sa) == {"step", "exp_avg", "exp_avg_sq"} and float(sa["step"]) == float(sb["step"]) == 200
+        torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-6, atol=1e-12)
+
+
+def test_params_leave_and_rejoin_start_fresh():
+    """Freezing frees state; on rejoin a param starts at step 0, like torch with its state deleted."""
+    params, targets = make_problem(1)
+    ours_p, ref_p = clone_params(params), clone_params(params)
+    ours = AdamW(groups(ours_p))
+    ref = torch.optim.AdamW(groups(ref_p), foreach=True)
+    # Schedule of which params are trainable in each phase of 20 steps.
+    phases = [{0, 1, 2, 3, 4}, {0, 2}, {1, 2, 4}, {0, 1, 2, 3, 4}, {3}]
+    prev = set()
+    for phase, active in enumerate(phases):
+        for i in range(len(params)):
+            for ps in (ours_p, ref_p):
+                ps[i].requires_grad_(i in active)
+                if i not in active:
+                    ps[i].grad = None
+            if i in active and i not in prev:
+                ref.state.pop(ref_p[i], None)  # reference: a fresh optimizer state for a re-joining param
+        prev = active
+        for k in range(20):
+            step = phase * 20 + k
+            for ps, opt in ((ours_p, ours), (ref_p, ref)):
+                opt.zero_grad()
+                loss_fn(ps, targets, step).backward()
+                opt.step()
+            # state exists exactly for the trainable params
+            assert set(ours.state.keys()) == {ours_p[i] for i in active}
+        assert_close(ours_p, ref_p)
+        for i in active:
+            assert float(ours.state[ours_p[i]]["step"]) == float(ref.state[ref_p[i]]["step"])
+    assert all(torch.equal(a, b) for a, b in zip(ours_p, ref_p))
+
+
+def test_state_only_for_trainable_params_and_freed_on_freeze():
+    a = torch.randn(4, requires_grad=True)
+    b = torch.randn(4, requires_grad=False)
+    c = torch.randn(4, requires_grad=True)  # requires_grad but never gets a grad: skipped
+    opt = AdamW([a, b, c], lr=0.1)
+    (a * 2).sum().backward()
+    c_before = c.detach().clone()
+    opt.step()
+    assert set(opt.state.keys()) == {a}
+    assert c.grad is None and torch.equal(c.detach(), c_before)  # weight decay not applied to a skipped param
+    a.requires_grad_(False)
+    opt.step()  # frees a's state even though a still holds a (stale) grad
+    assert len(opt.state) == 0
+    a.requires_grad_(True)
+    (a * 2).sum().backward()
+    opt.step()
+    assert float(opt.state[a]["step"]) == 1.0  # fresh state after re-joining
+    opt.release([a])
+    assert len(opt.state) == 0
+
+
+def test_grad_none_param_skipped_and_unchanged():
+    p = torch.randn(3, 3, requires_grad=True)
+    q = torch.randn(3, requires_grad=True)
+    opt = AdamW([p, q], lr=1.0, weight_decay=0.5)
+    before = p.detach().clone()
+    q.sum().backward()
+    opt.step()
+    assert p.grad is None and torch.equal(p.detach(), before) and p not in opt.state
+
+
+def test_state_dict_round_trip_resumes_bit_exact():
+    params, targets = make_problem(2)
+    full_p, half_p = clone_params(params), clone_params(params)
+    full = AdamW(groups(full_p))
+    for step in range(100):
+        full.zero_grad()
+        loss_fn(full_p, targets, step).backward()
+        full.step()
+
+    first = AdamW(groups(half_p))
+    for step in range(50):
+        first.zero_grad()
+        loss_fn(half_p, targets, step).backward()
+        first.step()
+    buf = io.BytesIO()  # through bytes, as a checkpoint would
+    torch.save({"params": [p.detach() for p in half_p], "opt": first.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed_p = clone_params(ckpt["params"])
+    resumed = AdamW(groups(resumed_p))
+    resumed.load_state_dict(ckpt["opt"])
+    for step in range(50, 100):
+        resumed.zero_grad()
+        loss_fn(resumed_p, targets, step).backward()
+        resumed.step()
+    assert all(torch.equal(a, b) for a, b in zip(full_p, resumed_p))
+    for a, b in zip(full_p, resumed_p):
+        assert torch.equal(full.state[a]["exp_avg"], resumed.state[b]["exp_avg"])
+        assert torch.equal(full.state[a]["exp_avg_sq"], resumed.state[b]["exp_avg_sq"])
