@@ -1,0 +1,401 @@
+"""The models: one decoder for the Llama family (Llama 2/3, Mistral, Qwen2) and one for GPT-2.
+
+Read this file top to bottom: rotary embeddings, attention, the two kinds of block, and the `CausalLM`
+base class that runs the stack. Module names mirror the Hugging Face checkpoints
+(`model.layers.3.self_attn.q_proj`, `transformer.h.3.attn.c_attn`, ...), so loading a checkpoint is a
+key copy (see checkpoint.py) and `model.state_dict()` has the checkpoint's keys.
+
+Shapes: B batch, T query length, S key length (T plus what the KV cache holds), C hidden size,
+nh query heads, nkv key/value heads (grouped-query attention when nkv < nh), hs head size, V vocab.
+
+What the rest of nanolisa relies on:
+  model(input_ids, position_ids=None, kv_cache=None) -> logits (B, T, V)
+  model.blocks         the transformer blocks, addressable by index (LISA samples from these)
+  model.embed_modules  the input embeddings; model.head_modules: final norm and LM head
+  model.set_attention(fn)  swap the attention kernel (kernels/ plugs flash attention in here)
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from nanolisa.config import ModelConfig
+
+Tensor = torch.Tensor
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention kernel. Everything below calls attention through this one signature, so a faster kernel
+# (a Triton flash attention, say) can replace it without touching the model.
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    """q (B, nh, T, hs), k and v (B, nkv, S, hs), mask (B or 1, 1, T, S) bool or None -> (B, nh, T, hs)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=q.size(1) != k.size(1))
+
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", bool], Tensor]
+
+
+def attention_mask(position_ids: Tensor, start: int, packed: bool) -> tuple[Tensor | None, bool]:
+    """The mask for one forward pass, as (mask, is_causal).
+
+    - Plain training rows: causal, no mask tensor needed (the kernel's fast path).
+    - Packed rows (`packed`): several documents share a row and positions restart at 0 at each one, so a
+      token may only see earlier tokens of its own document: a block-diagonal causal mask.
+    - Decoding with a KV cache from position `start`: query i sits at position start+i and sees keys 0..start+i.
+    """
+    B, T = position_ids.shape
+    if packed:
+        doc = (position_ids == 0).cumsum(dim=1)  # (B, T) document index of each token
+        causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+        return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None], False  # (B, 1, T, T)
+    if start == 0:
+        return None, T > 1
+    if T == 1:
+        return None, False  # one new token sees everything cached
+    q_pos = torch.arange(start, start + T, device=position_ids.device)
+    k_pos = torch.arange(start + T, device=position_ids.device)
+    return (k_pos[None, :] <= q_pos[:, None])[None, None], False  # (1, 1, T, S)
+
+
+class KVCache:
+    """A static key/value cache for generation: prefill once, then one token per step (as in gpt-fast)."""
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_size: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_size)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = 0  # how many positions are filled; advanced by the model after each forward
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's k, v (B, nkv, T, hs) and return all keys/values so far (B, nkv, S, hs)."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary position embeddings (RoFormer, arXiv 2104.09864), with the context-extension variants Llama
+# checkpoints use: "linear" position interpolation (arXiv 2306.15595), "dynamic" NTK scaling, and Llama 3.1's
+# "llama3" frequency-dependent scaling.
+
+
+def rope_inv_freq(cfg: ModelConfig, seq_len: int, device: torch.device | None = None) -> Tensor:
+    """The rotation frequency of each pair of channels, (hs/2,), for sequences up to seq_len."""
+    d = cfg.head_dim
+    theta = cfg.rope_theta
+    s = cfg.rope_scaling or {"rope_type": "default"}
+    kind = s["rope_type"]
+    if kind == "dynamic":  # NTK-aware: grow the base once the sequence outgrows the trained context
+        L = cfg.max_position_embeddings
+        n = max(seq_len, L)
+        theta = theta * ((s["factor"] * n / L) - (s["factor"] - 1)) ** (d / (d - 2))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    if kind == "linear":  # position interpolation: positions / factor, i.e. frequencies / factor
+        inv_freq = inv_freq / s["factor"]
+    elif kind == "llama3":  # keep high frequencies, divide low ones by factor, blend in between
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(cfg: ModelConfig, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin of every (position, frequency) angle, (B, T, hs), computed in fp32."""
+    inv_freq = rope_inv_freq(cfg, int(position_ids.max()) + 1, position_ids.device)
+    angles = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, T, hs/2)
+    emb = torch.cat((angles, angles), dim=-1)  # (B, T, hs): the two halves of each head rotate together
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, n, T, hs): channel i pairs with channel i + hs/2 (the Hugging Face layout)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, hs)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Llama family block: pre-norm RMSNorm, grouped-query attention with RoPE, SwiGLU MLP.
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019), normalised in fp32 as Llama does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, nh, nkv, hs = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(C, nh * hs, bias=qkv_bias)
+        self.k_proj = nn.Linear(C, nkv * hs, bias=qkv_bias)
+        self.v_proj = nn.Linear(C, nkv * hs, bias=qkv_bias)
+        self.o_proj = nn.Linear(nh * hs, C, bias=cfg.attention_bias)
+        self.nh, self.nkv, self.hs = nh, nkv, hs
+        self.attn_fn: AttentionFn = sdpa_attention
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, is_causal: bool,
+                kv_cache: KVCache | None, layer: int) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nkv, S, hs)
+        y = self.attn_fn(q, k, v, mask, is_causal)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, H, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(C, H, bias=bias)
+        self.up_proj = nn.Linear(C, H, bias=bias)
+        self.down_proj = nn.Linear(H, C, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, rope, mask, is_causal, kv_cache, layer):  # x (B, T, C) -> (B, T, C)
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, kv_cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The GPT-2 block: pre-norm LayerNorm, multi-head attention from one fused c_attn projection, GELU MLP.
+# Hugging Face stores these projections as Conv1D, weight (in, out); here they are nn.Linear, weight
+# (out, in), and checkpoint.py transposes them on the way in and out.
+
+GELU_APPROX = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C = cfg.hidden_size
+        self.c_attn = nn.Linear(C, 3 * C)
+        self.c_proj = nn.Linear(C, C)
+        self.nh, self.hs = cfg.num_attention_heads, cfg.head_dim
+        self.attn_fn: AttentionFn = sdpa_attention
+
+    def forward(self, x, rope, mask, is_causal, kv_cache, layer):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.nh, self.hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        y = self.attn_fn(q, k, v, mask, is_causal)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.approximate = GELU_APPROX.get(cfg.hidden_act, "tanh")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attn = GPT2Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = GPT2MLP(cfg)
+
+    def forward(self, x, rope, mask, is_causal, kv_cache, layer):
+        x = x + self.attn(self.ln_1(x), rope, mask, is_causal, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stack.
+
+
+class CausalLM(nn.Module):
+    """Embeddings -> blocks -> final norm -> LM head. Subclasses name the parts as their checkpoints do."""
+
+    config: ModelConfig
+    blocks: nn.ModuleList
+    lm_head: nn.Linear
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward to save memory
+
+    def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def rope(self, position_ids: Tensor) -> tuple[Tensor, Tensor] | None:
+        return None
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None,
+                kv_cache: KVCache | None = None) -> Tensor:
+        """input_ids (B, T) -> logits (B, T, V). Pass position_ids (B, T) for packed rows (positions restart
+        at 0 at each document; attention stays within a document), or kv_cache to decode incrementally."""
+        B, T = input_ids.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        packed = position_ids is not None
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        mask, is_causal = attention_mask(position_ids, start, packed)
+        rope = self.rope(position_ids)
+        x = self.embed(input_ids, position_ids)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, mask, is_causal, None, i, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, is_causal, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.lm_head(self.final_norm(x))  # (B, T, V)
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        cfg = self.config
+        return KVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim,
+                       p.dtype, p.device)
+
+    def set_attention(self, fn: AttentionFn) -> None:
+        for m in self.modules():
+            if hasattr(m, "attn_fn"):
+                m.attn_fn = fn
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_modules[0].weight
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Fresh random weights, as transformers initialises these models (normal(0, 0.02), zero biases)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                m.weight.fill_(1.0)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        self.tie_weights()
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama 2 / Llama 3 / Mistral / Qwen2: the differences are all in the config (biases, rope, ties)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def embed_modules(self) -> list[nn.Module]:
+        return [self.model.embed_tokens]
+
+    @property
+    def head_modules(self) -> list[nn.Module]:
+        return [self.model.norm, self.lm_head]
+
+    def embed(self, input_ids, position_ids):
+        return self.model.embed_tokens(input_ids)
+
+    def rope(self, position_ids):
+        return rope_cos_sin(self.config, position_ids)
+
+    def final_norm(self, x):
+        return self.model.norm(x)
+
+
+class GPT2LMHeadModel(CausalLM):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            wpe=nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size),
+            h=nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.num_hidden_layers)),
+            ln_f=nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.h
+
+    @property
+    def embed_modules(self) -> list[nn.Module]:
+        return [self.transformer.wte, self.transformer.wpe]
+
+    @property
+    def head_modules(self) -> list[nn.Module]:
+        return [self.transformer.ln_f, self.lm_head]
+
+    def embed(self, input_ids, position_ids):
+        return self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)
+
+    def final_norm(self, x):
+        return self.transformer.ln_f(x)
+
+
+def build_model(cfg: ModelConfig) -> CausalLM:
+    """An untrained model for cfg (build it under `torch.device("meta")` to allocate nothing)."""
+    return GPT2LMHeadModel(cfg) if cfg.is_gpt2 else LlamaForCausalLM(cfg)
