@@ -1,0 +1,43 @@
+"""Built-in models that need no download: `--model tiny` (the default of train.py, chat.py and eval.py).
+
+A preset is a Llama-architecture config plus the small tokenizer shipped in nanolisa/assets/<name>/. Its
+weights are random, drawn from a fixed seed, so every machine starts from the same model; fine-tuning it
+on the bundled demo data (nanolisa/demo_data.py) shows LISA learning in a few minutes on a CPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from nanolisa.config import ModelConfig
+from nanolisa.model import CausalLM, build_model
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+
+# name -> Llama shape. "tiny": 6 blocks of width 256, about 4.5M parameters with the byte-level vocab.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=8,
+                 num_key_value_heads=4, max_position_embeddings=1024),
+}
+
+
+def preset_config(name: str, tokenizer) -> ModelConfig:
+    hf = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=tokenizer.vocab_size,
+              rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id, torch_dtype="float32", **PRESETS[name])
+    return ModelConfig.from_hf(hf)
+
+
+def load_preset(name: str, dtype=None, device=None, seed: int = 0) -> tuple[CausalLM, object]:
+    from nanolisa.checkpoint import to_dtype
+    from nanolisa.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(os.path.join(ASSETS, name))
+    model = build_model(preset_config(name, tokenizer))
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # the same random weights everywhere, without disturbing the caller's RNG
+    model.init_weights()
+    torch.random.set_rng_state(rng_state)
+    model.generation_config = None
+    return model.to(device=device or "cpu", dtype=to_dtype(dtype) or torch.float32), tokenizer
