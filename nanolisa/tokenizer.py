@@ -1,0 +1,395 @@
+"""Tokenizers: load a Hugging Face tokenizer directory and encode/decode exactly as transformers does.
+
+A checkpoint ships its tokenizer in one of two forms:
+
+* `tokenizer.json` - a complete pipeline for the Rust `tokenizers` library (normalizer, pre-tokenizer,
+  BPE/Unigram/WordPiece model, post-processor that adds BOS/EOS, decoder). We load it as is.
+* `tokenizer.model` - a SentencePiece model (Llama 2, Mistral v0.1, ...). transformers 5 no longer runs
+  SentencePiece itself: it converts the model to the equivalent `tokenizers` pipeline (`LlamaTokenizer`):
+  the same pieces and merges, a Metaspace pre-tokenizer that turns spaces into "▁" and prepends one to the
+  first word, byte fallback for unknown characters, and BOS prepended when `add_bos_token` is set. We read
+  the pieces with the `sentencepiece` library and build the same pipeline, so ids match `AutoTokenizer`
+  exactly (the test suite checks it), and we get character offsets for free, which the chat-template
+  loss masks need (see templates.py).
+
+Everything around the vocabulary lives in `tokenizer_config.json` (special tokens, `chat_template`,
+`add_bos_token`), `special_tokens_map.json`, `chat_template.jinja` (where transformers 5 writes the
+template) and `generation_config.json` (extra end-of-sequence ids for chat models). Special tokens may be
+written as plain strings or as `{"content": ...}` dicts; both are accepted.
+
+The built-in "tiny" model uses a byte-level tokenizer made by `build_tiny_tokenizer()` and shipped in
+`nanolisa/assets/tiny/`: one token per UTF-8 byte (id = byte value), so any text round-trips exactly, plus
+`<s>`, `</s>`, `<pad>` and the ChatML turn markers `<|im_start|>`, `<|im_end|>`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from tokenizers import AddedToken, decoders, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import BPE, Unigram
+
+from nanolisa.errors import UserError
+
+TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
+
+# Tokens that chat templates use to close a turn. When one of them appears in a model's chat template it
+# is a stop token for generation, in addition to the tokenizer's EOS (e.g. Llama 3's <|eot_id|>).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|EOT|>", "<|endoftext|>",
+                      "<|end_of_text|>")
+
+
+def _token_str(tok: Any) -> str | None:
+    """A special token as written in tokenizer_config.json: a string, or {"content": ...} (AddedToken)."""
+    if tok is None:
+        return None
+    if isinstance(tok, dict):
+        return tok.get("content")
+    if isinstance(tok, str):
+        return tok
+    return None
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read tokenizer file ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _atomic_write(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; tokenizer files are ordinary shared files
+    os.replace(tmp, path)
+
+
+def _clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization` (used only for non-BPE models that ask for it)."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+class Tokenizer:
+    """A loaded tokenizer: a `tokenizers.Tokenizer` pipeline plus the special tokens and chat template.
+
+    encode/decode give the same ids and text as `transformers.AutoTokenizer` on the same directory.
+    """
+
+    def __init__(self, backend: HFTokenizer, config: dict, *, bos_token: str | None = None,
+                 eos_token: str | None = None, pad_token: str | None = None, unk_token: str | None = None,
+                 chat_template: str | None = None, extra_eos_ids: list[int] | None = None,
+                 sp_model_path: str | None = None):
+        self.backend = backend
+        self.config = config  # the tokenizer_config.json we were loaded from (written back by save())
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
+        self.chat_template = chat_template
+        self.sp_model_path = sp_model_path
+        self.bos_token_id = self.token_to_id(bos_token)
+        self.eos_token_id = self.token_to_id(eos_token)
+        self.pad_token_id = self.token_to_id(pad_token)
+        self.unk_token_id = self.token_to_id(unk_token)
+        # transformers only honours clean_up_tokenization_spaces for non-BPE models (it corrupts BPE output)
+        self._cleanup = bool(config.get("clean_up_tokenization_spaces", False)) and \
+            type(backend.model).__name__ != "BPE"
+        # Generation stops on EOS, on generation_config's eos ids, and on end-of-turn markers of the template.
+        stops = [self.eos_token_id] + list(extra_eos_ids or [])
+        for tok in END_OF_TURN_TOKENS:
+            if chat_template and tok in chat_template and self.token_to_id(tok) is not None:
+                stops.append(self.token_to_id(tok))
+        self.stop_token_ids: list[int] = list(dict.fromkeys(i for i in stops if i is not None))
+
+    # ---- basic API -------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (embedding tables must have at least this many rows)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = False):
+        """(ids, offsets): offsets[i] = (start, end) character span of token i in `text`."""
+        enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        return enc.ids, enc.offsets
+
+    def encode_batch_with_offsets(self, texts: list[str], add_special_tokens: bool = False):
+        encs = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [(e.ids, e.offsets) for e in encs]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            ids = [ids]
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _clean_up_tokenization(text) if self._cleanup else text
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether encode(..., add_special_tokens=True) puts BOS first (its post-processor adds one)."""
+        ids = self.backend.encode("", add_special_tokens=True).ids
+        return bool(ids) and self.bos_token_id is not None and ids[0] == self.bos_token_id
+
+    @property
+    def adds_eos(self) -> bool:
+        ids = self.backend.encode("", add_special_tokens=True).ids
+        return bool(ids) and self.eos_token_id is not None and ids[-1] == self.eos_token_id
+
+    def fingerprint(self) -> str:
+        """A stable hash of everything that decides token ids (used as a tokenization-cache key)."""
+        import hashlib
+        h = hashlib.sha256(self.backend.to_str().encode("utf-8"))
+        h.update(json.dumps([self.bos_token, self.eos_token, self.pad_token, self.chat_template]).encode())
+        return h.hexdigest()[:16]
+
+    # ---- saving ----------------------------------------------------------------------------------------
+    def save(self, out_dir: str) -> None:
+        """Write tokenizer.json (+ tokenizer.model when loaded from one), tokenizer_config.json and
+        special_tokens_map.json, so that both nanolisa and transformers' AutoTokenizer can load `out_dir`."""
+        os.makedirs(out_dir, exist_ok=True)
+        _atomic_write(os.path.join(out_dir, "tokenizer.json"), self.backend.to_str(pretty=True))
+        if self.sp_model_path and os.path.abspath(os.path.dirname(self.sp_model_path)) != os.path.abspath(out_dir):
+            tmp = os.path.join(out_dir, ".tmp-tokenizer.model")
+            shutil.copyfile(self.sp_model_path, tmp)
+            os.replace(tmp, os.path.join(out_dir, "tokenizer.model"))
+        specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                      ("pad_token", self.pad_token), ("unk_token", self.unk_token)) if v is not None}
+        config = {k: v for k, v in self.config.items() if k not in ("chat_template",)}
+        config.update(specials)
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        # tokenizer.json now carries the exact post-processor: drop flags that would make transformers rebuild it
+        config.pop("add_bos_token", None)
+        config.pop("add_eos_token", None)
+        config.pop("legacy", None)
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        _atomic_write(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=2, ensure_ascii=False))
+        _atomic_write(os.path.join(out_dir, "special_tokens_map.json"), json.dumps(specials, indent=2, ensure_ascii=False))
+        stale = os.path.join(out_dir, "chat_template.jinja")
+        if os.path.exists(stale):  # transformers 5 prefers this file; keep it in sync with what we hold
+            if self.chat_template is None:
+                os.remove(stale)
+            else:
+                _atomic_write(stale, self.chat_template)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+                f"pad={self.pad_token!r}, chat_template={'yes' if self.chat_template else 'no'})")
+
+
+# ---- SentencePiece -> tokenizers conversion (what transformers 5's LlamaTokenizer does) -----------------
+def _generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece BPE vocabulary: every way of splitting a piece into two pieces
+    that are themselves in the vocabulary, ranked by the merged piece's id (SentencePiece orders BPE pieces
+    by merge order). Same ranking as transformers' `generate_merges`, so ties break identically."""
+    merges = []
+    for piece, piece_id in vocab.items():
+        local = [(piece[:i], piece[i:], piece_id) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
+    return [(a, b) for a, b, _ in merges]
+
+
+def _tokenizer_from_sentencepiece(model_path: str, config: dict) -> HFTokenizer:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=model_path)
+    n = sp.get_piece_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    # Unigram models expose real log-prob scores; BPE models expose -rank. Tell them apart by the proto's
+    # model type when protobuf is available, else by the scores (BPE scores are exactly -id for normal pieces).
+    is_unigram = False
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb  # needs protobuf; optional
+        m = pb.ModelProto()
+        with open(model_path, "rb") as f:
+            m.ParseFromString(f.read())
+        is_unigram = m.trainer_spec.model_type == 1
+    except Exception:  # no protobuf: BPE scores are integers (-merge rank), Unigram scores are log-probs
+        normal = [i for i in range(n) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))]
+        is_unigram = any(float(sp.get_score(i)) != int(sp.get_score(i)) for i in normal)
+    if is_unigram:
+        unk_id = sp.unk_id() if sp.unk_id() >= 0 else 0
+        model = Unigram([(p, float(sp.get_score(i))) for i, p in enumerate(pieces)], unk_id=unk_id,
+                        byte_fallback=any(sp.is_byte(i) for i in range(n)))
+    else:
+        vocab = {p: i for i, p in enumerate(pieces)}
+        unk = pieces[sp.unk_id()] if sp.unk_id() >= 0 else None
+        model = BPE(vocab=vocab, merges=_generate_merges(vocab), unk_token=unk, fuse_unk=True, byte_fallback=True)
+    tok = HFTokenizer(model)
+    # transformers: add_prefix_space defaults to True; legacy defaults to False -> prepend "▁" to the first
+    # word only (not after special tokens); legacy=True -> "always"; add_prefix_space=False -> "never".
+    add_prefix = config.get("add_prefix_space")
+    add_prefix = True if add_prefix is None else bool(add_prefix)
+    scheme = ("first" if not config.get("legacy", False) else "always") if add_prefix else "never"
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    seq = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix:
+        seq.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(seq)
+    # Control pieces (<s>, </s>) are special added tokens; user-defined pieces are added, not special.
+    added = []
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i):
+            added.append(AddedToken(pieces[i], normalized=False, special=True))
+    tok.add_special_tokens(added)
+    return tok
+
+
+def _set_post_processor(tok: HFTokenizer, bos: str | None, eos: str | None, add_bos: bool, add_eos: bool) -> None:
+    """transformers' `update_post_processor`: `<bos> $A <eos>` as the flags ask."""
+    add_bos = add_bos and bos is not None and tok.token_to_id(bos) is not None
+    add_eos = add_eos and eos is not None and tok.token_to_id(eos) is not None
+    single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
+    pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
+    special = ([(bos, tok.token_to_id(bos))] if add_bos else []) + ([(eos, tok.token_to_id(eos))] if add_eos else [])
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Load the tokenizer in directory `path` (tokenizer.json or tokenizer.model + configs), or "tiny"."""
+    if path == "tiny":
+        path = TINY_DIR
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: tokenizer directory does not exist")
+    tj, tm = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")
+    if not os.path.exists(tj) and not os.path.exists(tm):
+        raise UserError(f"{path}: no tokenizer.json or tokenizer.model found; copy the tokenizer files of the "
+                        f"base model into this directory")
+    config = _read_json(os.path.join(path, "tokenizer_config.json"))
+    smap = _read_json(os.path.join(path, "special_tokens_map.json"))
+    gen = _read_json(os.path.join(path, "generation_config.json"))
+
+    sp_path = None
+    if os.path.exists(tj):
+        try:
+            backend = HFTokenizer.from_file(tj)
+        except Exception as e:
+            raise UserError(f"{tj}: cannot parse tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+    else:
+        sp_path = tm
+        try:
+            backend = _tokenizer_from_sentencepiece(tm, config)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"{tm}: cannot load SentencePiece model ({str(e).splitlines()[0][:200]})") from None
+
+    # Tokens listed in added_tokens_decoder are added to the backend with their flags (as transformers does).
+    for _, t in sorted(((int(k), v) for k, v in (config.get("added_tokens_decoder") or {}).items())):
+        if isinstance(t, dict) and t.get("content") and backend.token_to_id(t["content"]) is None:
+            at = AddedToken(t["content"], single_word=t.get("single_word", False), lstrip=t.get("lstrip", False),
+                            rstrip=t.get("rstrip", False), normalized=t.get("normalized", not t.get("special", False)),
+                            special=t.get("special", False))
+            (backend.add_special_tokens if t.get("special") else backend.add_tokens)([at])
+
+    def special(name: str) -> str | None:
+        tok = _token_str(config.get(name))
+        return tok if tok is not None else _token_str(smap.get(name))
+
+    bos, eos, pad, unk = special("bos_token"), special("eos_token"), special("pad_token"), special("unk_token")
+    if sp_path is not None:  # LlamaTokenizer's defaults
+        bos, eos, unk = bos or "<s>", eos or "</s>", unk or "<unk>"
+    # Named special tokens that are missing from the vocabulary get added as special tokens, as transformers does.
+    extra = [_token_str(t) for t in (config.get("additional_special_tokens") or config.get("extra_special_tokens") or [])]
+    for t in [bos, eos, pad, unk] + extra:
+        if t is not None and backend.token_to_id(t) is None:
+            backend.add_special_tokens([AddedToken(t, special=True, normalized=False)])
+
+    # transformers rebuilds the post-processor when add_bos_token/add_eos_token are given explicitly or the
+    # pipeline has none; otherwise tokenizer.json's own post-processor decides what encode() adds.
+    if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
+        _set_post_processor(backend, bos, eos, bool(config.get("add_bos_token", False)),
+                            bool(config.get("add_eos_token", False)))
+
+    chat_template = None
+    jinja_path = os.path.join(path, "chat_template.jinja")
+    if os.path.exists(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            chat_template = f.read()
+    else:
+        ct = config.get("chat_template")
+        if isinstance(ct, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            named = {d.get("name"): d.get("template") for d in ct if isinstance(d, dict)}
+            ct = named.get("default") or next(iter(named.values()), None)
+        chat_template = ct if isinstance(ct, str) else None
+
+    gen_eos = gen.get("eos_token_id")
+    extra_eos = gen_eos if isinstance(gen_eos, list) else ([gen_eos] if isinstance(gen_eos, int) else [])
+    return Tokenizer(backend, config, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
+                     chat_template=chat_template, extra_eos_ids=extra_eos, sp_model_path=sp_path)
+
+
+# ---- the built-in tiny model's tokenizer ----------------------------------------------------------------
+TINY_SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+# ChatML, as Qwen2 writes it (without Qwen's default system prompt).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (what the ByteLevel pre-tokenizer uses)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def build_tiny_tokenizer() -> HFTokenizer:
+    """The tiny model's tokenizer: one token per UTF-8 byte, token id = byte value (so 'a' is 97), then
+    <s>=256, </s>=257, <pad>=258, <|im_start|>=259, <|im_end|>=260. Deterministic: no training involved.
+    A byte vocabulary keeps the demo tasks (digits, letters) one symbol per token, which a tiny model learns
+    fast, and any text at all round-trips exactly."""
+    b2u = _bytes_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    tok = HFTokenizer(BPE(vocab=vocab, merges=[]))
+    # use_regex=False: no GPT-2 word splitting; add_prefix_space=False: text is encoded exactly as given.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIAL_TOKENS])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return tok
+
+
+def write_tiny_tokenizer(out_dir: str = TINY_DIR) -> None:
+    """(Re)generate nanolisa/assets/tiny/: `python -c "from nanolisa.tokenizer import write_tiny_tokenizer as w; w()"`."""
+    tok = Tokenizer(build_tiny_tokenizer(), {"tokenizer_class": "PreTrainedTokenizerFast",
+                                             "model_max_length": 2048, "clean_up_tokenization_spaces": False},
+                    bos_token="<s>", eos_token="</s>", pad_token="<pad>", chat_template=CHATML_TEMPLATE)
+    tok.save(out_dir)
