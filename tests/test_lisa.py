@@ -1,0 +1,276 @@
+"""LISA layer sampling (nanolisa/lisa.py) on tiny real models, with nanolisa's AdamW and torch's.
+
+Covers the two LMFlow failure modes: optimizer state creeping up to full fine-tuning (issues 729, 768)
+and layers unfrozen after start-up never being updated (issue 726).
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanolisa.adamw import AdamW
+from nanolisa.config import ModelConfig
+from nanolisa.errors import UserError
+from nanolisa.lisa import LISA
+
+V = 64
+
+
+def tiny(n_layers: int = 6, tie: bool = False, model_type: str = "llama", seed: int = 0) -> nn.Module:
+    from nanolisa.model import build_model
+    if model_type == "gpt2":
+        d = dict(model_type="gpt2", vocab_size=V, n_embd=16, n_layer=n_layers, n_head=2, n_positions=64,
+                 tie_word_embeddings=tie)
+    else:
+        d = dict(model_type="llama", vocab_size=V, hidden_size=16, num_hidden_layers=n_layers,
+                 num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                 max_position_embeddings=64, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig.from_hf(d))
+    model.init_weights()
+    return model
+
+
+def train_step(model, opt, step: int) -> None:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randint(0, V, (2, 12), generator=g)
+    logits = model(x[:, :-1])  # (B, T-1, V): next-token loss
+    F.cross_entropy(logits.reshape(-1, V), x[:, 1:].reshape(-1)).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def block_params(model, i):
+    return list(model.blocks[i].parameters())
+
+
+def expected_trainable(model, active) -> set[int]:
+    mods = list(model.embed_modules) + list(model.head_modules) + [model.blocks[i] for i in active]
+    return {id(p) for m in mods for p in m.parameters()}
+
+
+def snapshot(model):
+    return {id(p): p.detach().clone() for p in model.parameters()}
+
+
+def test_only_sampled_blocks_and_embed_head_change():
+    model = tiny()
+    lisa = LISA(model, n_layers=2, interval=4, seed=3)
+    opt = AdamW(model.parameters(), lr=1e-2)
+    for interval in range(3):
+        assert lisa.maybe_switch(interval * 4, opt)
+        before = snapshot(model)
+        for k in range(4):
+            if k:
+                assert not lisa.maybe_switch(interval * 4 + k, opt)
+            train_step(model, opt, interval * 4 + k)
+        changed = {id(p) for p in model.parameters() if not torch.equal(p.detach(), before[id(p)])}
+        assert changed == expected_trainable(model, lisa.active)
+        assert len(lisa.active) == 2
+
+
+@pytest.mark.parametrize("opt_cls", [AdamW, torch.optim.AdamW])
+def test_optimizer_state_tracks_active_set_without_creep(opt_cls):
+    model = tiny()
+    lisa = LISA(model, n_layers=2, interval=2, seed=0)
+    opt = opt_cls(model.parameters(), lr=1e-3)  # built over ALL parameters
+    state_numel = []
+    for step in range(20):  # 10 switches
+        if lisa.maybe_switch(step, opt):
+            # right after a switch: no state left for any frozen parameter, none allocated yet for new ones
+            assert {id(p) for p in opt.state} <= expected_trainable(model, lisa.active)
+            assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        train_step(model, opt, step)
+        assert {id(p) for p in opt.state} == expected_trainable(model, lisa.active)
+        state_numel.append(sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel() for s in opt.state.values()))
+    assert len(lisa.history) == 10
+    assert len(set(state_numel)) == 1  # flat: blocks are all the same size and only 2 ever hold state
+    full = 2 * sum(p.numel() for p in model.parameters())
+    assert state_numel[0] < full
+
+
+def test_block_frozen_at_start_is_updated_later():
+    """LMFlow 726: the optimizer must update a block that was frozen when it was built."""
+    model = tiny()
+    lisa = LISA(model, n_layers=1, interval=3, seed=5)
+    opt = AdamW(model.parameters(), lr=1e-2)  # built while every block is frozen
+    assert not any(p.requires_grad for b in model.blocks for p in b.parameters())
+    lisa.maybe_switch(0, opt)
+    first = lisa.active[0]
+    step = 0
+    while True:  # train until a different block has been sampled
+        lisa.maybe_switch(step, opt)
+        if lisa.active[0] != first:
+            break
+        train_step(model, opt, step)
+        step += 1
+    late = lisa.active[0]
+    before = [p.detach().clone() for p in block_params(model, late)]
+    for k in range(3):
+        lisa.maybe_switch(step + k, opt)
+        train_step(model, opt, step + k)
+    assert all(not torch.equal(a, p.detach()) for a, p in zip(before, block_params(model, late)))
+    assert all(float(opt.state[p]["step"]) == 3 for p in block_params(model, late))  # fresh state
+
+
+def test_frozen_params_have_no_grad_after_switch():
+    model = tiny()
+    lisa = LISA(model, n_layers=3, interval=1, seed=1)
+    opt = AdamW(model.parameters())
+    lisa.maybe_switch(0, opt)
+    x = torch.randint(0, V, (2, 8))
+    model(x).sum().backward()  # grads on every trainable parameter, not zeroed
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    old = set(lisa.active)
+    for step in range(1, 10):
+        lisa.maybe_switch(step, opt)
+        if set(lisa.active) != old:
+            break
+    for i in range(len(model.blocks)):
+        for p in block_params(model, i):
+            assert p.requires_grad == (i in lisa.active)
+            if i not in lisa.active:
+                assert p.grad is None
+
+
+def test_same_seed_same_schedule_independent_of_global_rng():
+    def schedule(seed, global_seed):
+        torch.manual_seed(global_seed)
+        random.seed(global_seed)
+        lisa = LISA(tiny(n_layers=8), n_layers=3, interval=2, seed=seed)
+        for step in range(40):
+            lisa.maybe_switch(step)
+            torch.rand(3), random.random()  # other consumers of the global RNGs
+        return lisa.history
+
+    a = schedule(7, 0)
+    assert a == schedule(7, 123)
+    assert a != schedule(8, 0)
+    assert [s for s, _ in a] == list(range(0, 40, 2))
+    assert all(len(set(act)) == 3 and all(0 <= i < 8 for i in act) for _, act in a)  # without replacement
+
+
+def test_schedule_is_uniform():
+    lisa = LISA(tiny(n_layers=4), n_layers=1, interval=1, seed=0)
+    for step in range(2000):
+        lisa.maybe_switch(step)
+    counts = [sum(a == [i] for _, a in lisa.history) for i in range(4)]
+    assert all(abs(c - 500) < 4 * (2000 * 0.25 * 0.75) ** 0.5 for c in counts)  # within 4 sigma
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    """Model + AdamW + LISA checkpoint at step 13, resume: same schedule and bit-identical weights."""
+    total, cut = 24, 13
+    ref = tiny()
+    lisa = LISA(ref, n_layers=2, interval=3, seed=11)
+    opt = AdamW(ref.parameters(), lr=1e-2)
+    for step in range(total):
+        lisa.maybe_switch(step, opt)
+        train_step(ref, opt, step)
+        if step == cut - 1:
+            buf = io.BytesIO()
+            torch.save({"model": ref.state_dict(), "opt": opt.state_dict()}, buf)
+            lisa_sd = json.loads(json.dumps(lisa.state_dict()))  # plain types: survives JSON too
+
+    model = tiny(seed=99)  # different init, overwritten by the checkpoint
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    resumed = LISA(model, n_layers=2, interval=3, seed=0)  # seed comes from the checkpoint
+    opt2 = AdamW(model.parameters(), lr=1e-2)
+    resumed.load_state_dict(lisa_sd, opt2)
+    opt2.load_state_dict(ckpt["opt"])
+    for step in range(cut, total):
+        resumed.maybe_switch(step, opt2)
+        train_step(model, opt2, step)
+    assert resumed.history == lisa.history
+    for (n, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("n_layers,interval", [(-1, 5), (7, 5), (2, 0), (2, -3)])
+def test_bad_arguments_raise_user_error(n_layers, interval):
+    with pytest.raises(UserError, match="LISA"):
+        LISA(tiny(), n_layers=n_layers, interval=interval, seed=0)
+
+
+def test_edge_sizes_zero_and_all_layers():
+    model = tiny(n_layers=3)
+    LISA(model, n_layers=0, interval=1).maybe_switch(0)
+    assert not any(p.requires_grad for p in model.blocks.parameters())
+    LISA(model, n_layers=3, interval=1).maybe_switch(0)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_tied_embeddings_and_flags(model_type):
+    model = tiny(n_layers=3, tie=True, model_type=model_type)
+    shared = model.lm_head.weight
+    assert shared is model.embed_modules[0].weight
+    LISA(model, n_layers=1, interval=1, train_embeddings=False, train_head=True).maybe_switch(0)
+    assert shared.requires_grad  # trainable because the head side is
+    assert all(not p.requires_grad for m in model.embed_modules[1:] for p in m.parameters())  # GPT-2 wpe
+    LISA(model, n_layers=1, interval=1, train_embeddings=True, train_head=False).maybe_switch(0)
+    assert shared.requires_grad and not any(p.requires_grad for p in model.head_modules[0].parameters())
+    LISA(model, n_layers=1, interval=1, train_embeddings=False, train_head=False).maybe_switch(0)
+    assert not shared.requires_grad
+    untied = tiny(n_layers=3, tie=False, model_type=model_type)
+    LISA(untied, n_layers=1, interval=1, train_head=False).maybe_switch(0)
+    assert untied.embed_modules[0].weight.requires_grad and not untied.lm_head.weight.requires_grad
+
+
+class DDPLike(nn.Module):
+    """Stands in for DistributedDataParallel: the model under `.module`, names prefixed with `module.`."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *a, **k):
+        return self.module(*a, **k)
+
+
+def test_works_through_wrappers_with_prefixed_names():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    model = tiny(n_layers=4)
+    for i in range(len(model.blocks)):  # activation-checkpoint wrappers add `_checkpoint_wrapped_module.`
+        model.blocks[i] = checkpoint_wrapper(model.blocks[i])
+    wrapped = DDPLike(model)
+    assert any("module." in n and "_checkpoint_wrapped_module" in n for n, _ in wrapped.named_parameters())
+    lisa = LISA(wrapped, n_layers=2, interval=2, seed=4)
+    opt = AdamW(wrapped.parameters(), lr=1e-2)
+    lisa.maybe_switch(0, opt)
+    before = snapshot(model)
+    train_step(wrapped, opt, 0)
+    changed = {id(p) for p in model.parameters() if not torch.equal(p.detach(), before[id(p)])}
+    assert changed == expected_trainable(model, lisa.active)
+    # torch.compile's wrapper (`_orig_mod.`) also resolves to the same modules (compiling is lazy: cheap).
+    assert LISA(torch.compile(model), n_layers=1, interval=1).model is model
+
+
+class Stub(nn.Module):
+    """The minimum LISA needs: .blocks, .embed_modules, .head_modules (plus an unmanaged extra param)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.norm = nn.Linear(2, 2), nn.Linear(2, 2)
+        self.blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(5))
+        self.extra = nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    embed_modules = property(lambda self: [self.emb])
+    head_modules = property(lambda self: [self.norm])
+
+
+def test_stub_interface_and_unmanaged_params_untouched():
+    stub = Stub()
+    lisa = LISA(stub, n_layers=2, interval=1, seed=0)
+    lisa.maybe_switch(0)
+    assert [i for i, b in enumerate(stub.blocks) if b.weight.requires_grad] == lisa.active
+    assert stub.emb.weight.requires_grad and stub.norm.weight.requires_grad
+    assert not stub.extra.requires_grad  # LISA leaves parameters outside blocks/embed/head alone
