@@ -87,16 +87,16 @@ class AdamW(torch.optim.Optimizer):
     @staticmethod
     def _update(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, wd, eps) -> None:
         """One AdamW step for a list of same-device, same-dtype tensors (torch's foreach op order)."""
-        torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)      # t <- t + 1
+        torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)       # t <- t + 1
         if wd != 0:
-            torch._foreach_mul_(params, 1 - lr * wd)                  # p <- p * (1 - lr*wd)        (L&H, decoupled)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)              # m <- b1*m + (1-b1)*g       (K&B)
-        torch._foreach_mul_(exp_avg_sqs, beta2)                       # v <- b2*v ...
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)  #          ... + (1-b2)*g^2  (K&B)
-        ts = [s.item() for s in steps]
-        step_size = [(lr / (1 - beta1 ** t)) * -1 for t in ts]        # -lr / (1 - b1^t)           (bias correction of m)
-        bc2_sqrt = [(1 - beta2 ** t) ** 0.5 for t in ts]              # sqrt(1 - b2^t)             (bias correction of v)
-        denom = torch._foreach_sqrt(exp_avg_sqs)                      # sqrt(v)
-        torch._foreach_div_(denom, bc2_sqrt)                          # sqrt(v / (1 - b2^t)) = sqrt(v_hat)
-        torch._foreach_add_(denom, eps)                               # sqrt(v_hat) + eps
-        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)   # p <- p - lr/(1-b1^t) * m / denom
+            torch._foreach_mul_(params, 1 - lr * wd)                   # p <- p * (1 - lr*wd)   (L&H: decoupled)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)               # m <- b1*m + (1-b1)*g   (K&B)
+        torch._foreach_mul_(exp_avg_sqs, beta2)                        # v <- b2*v ...
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)  #     ... + (1-b2)*g^2   (K&B)
+        ts = [s.item() for s in steps]                                 # t as Python floats (steps live on CPU)
+        step_size = [(lr / (1 - beta1 ** t)) * -1 for t in ts]         # -lr / (1 - b1^t)   bias correction of m
+        bc2_sqrt = [(1 - beta2 ** t) ** 0.5 for t in ts]               # sqrt(1 - b2^t)     bias correction of v
+        denom = torch._foreach_sqrt(exp_avg_sqs)                       # sqrt(v)
+        torch._foreach_div_(denom, bc2_sqrt)                           # sqrt(v / (1 - b2^t)) = sqrt(v_hat)
+        torch._foreach_add_(denom, eps)                                # sqrt(v_hat) + eps
+        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)    # p <- p - lr/(1-b1^t) * m / denom

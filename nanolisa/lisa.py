@@ -1,6 +1,6 @@
 """LISA: Layerwise Importance Sampled AdamW (Pan et al., 2024, arXiv 2403.17919, Algorithm 1).
 
-The observation behind LISA (paper Sec. 3.1): during LoRA training the per-layer weight-norm updates are
+The observation behind LISA (paper Sec. 3.1): during LoRA training the per-layer weight-norm changes are
 heavily skewed -- the embedding and the LM head move a lot, the middle blocks little. LISA therefore trains
 the embedding and head ALWAYS, and only gamma of the L transformer blocks at a time, re-sampled uniformly
 every K steps:
@@ -16,8 +16,8 @@ Why it saves memory, compared with full fine-tuning of the same model:
   * Frozen blocks compute no weight gradients. Backward still flows THROUGH them (the activation gradient
     dL/dx is needed to reach earlier active blocks and the embedding), but the dL/dW matmuls -- half the
     backward cost of a linear layer -- are skipped, and no gradient buffers are allocated for them.
-  * The memory bill therefore looks like LoRA's (paper Table 1), yet every weight of the model can change
-    over the run, which is why LISA often matches or beats full fine-tuning in the paper's experiments.
+  * The memory bill therefore looks like LoRA's (for small gamma), yet every weight of the model can change
+    over the run, which is why LISA matches or beats full fine-tuning in much of the paper's experiments.
 
 Two failure modes of LMFlow's LISA callback that this design rules out (tests/test_lisa.py covers both):
   (a) state of deactivated layers was never freed, so memory crept up to full fine-tuning (LMFlow issues
@@ -32,7 +32,9 @@ The schedule comes from LISA's own seeded `random.Random`, never the global RNG:
 data-parallel rank and independent of data order and dropout. `state_dict()` stores that RNG, so a resumed
 run continues the exact same schedule. LISA works on module objects (`model.blocks[i]`), not on parameter
 names, so wrapper prefixes (DDP `module.`, torch.compile `_orig_mod.`, activation-checkpoint wrappers)
-do not matter.
+do not matter. Distributed: shard each block as its own FSDP unit, so a unit is wholly frozen or wholly
+trainable. DDP registers only the parameters that require grad when it is built: wrap BEFORE creating
+LISA and pass find_unused_parameters=True (DDP still keeps gradient buckets for every parameter).
 
 Usage (call before the forward pass of each optimizer step, i.e. at gradient-accumulation boundaries):
 
@@ -85,7 +87,8 @@ class LISA:
             raise UserError(f"LISA n_layers={n_layers} is out of range: the model has {L} blocks, "
                             f"choose between 0 and {L}")
         if interval < 1:
-            raise UserError(f"LISA interval={interval} must be at least 1 (optimizer steps between layer switches)")
+            raise UserError(f"LISA interval={interval} must be at least 1 "
+                            "(the number of optimizer steps between layer switches)")
         self.n_layers, self.interval, self.seed = n_layers, interval, seed
         self.train_embeddings, self.train_head = train_embeddings, train_head
         self.rng = random.Random(seed)  # LISA's own RNG: same schedule on every rank, whatever else draws
