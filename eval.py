@@ -1,0 +1,160 @@
+"""Evaluate a model: NLL per token and perplexity, exact-match accuracy, or multiple-choice accuracy.
+
+    python eval.py                                       # NLL/perplexity of the built-in tiny model on demo:test
+    python eval.py --model out                           # ... of the model `python train.py` fine-tuned
+    python eval.py --model out --metric accuracy         # greedy replies vs the held-out answers (exact match)
+    python eval.py --model path/to/llama --lora out --data held_out.json --json
+    python eval.py --model path/to/llama --metric choice --data mmlu.jsonl   # {question, choices, answer}
+
+--metric nll (default) scores exactly the tokens training takes loss on (outputs / assistant turns; for
+text_only data every token after the first), reading --data the way train.py does: LMFlow's benchmark
+metric. --metric accuracy generates greedily from each prompt (text2text: the input; conversation: the
+conversation up to its last assistant turn) and compares with the expected answer after stripping spaces.
+--metric choice picks the most likely of each question's choices. Single process; CPU or one GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from nanolisa.errors import UserError, run_cli
+from nanolisa.evaluate import IGNORE, exact_match, nll, perplexity, read_choice_file, score_choices
+from nanolisa.generate import load_for_inference, stop_ids_for
+
+METRICS = ("nll", "accuracy", "choice")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (via run_cli), instead of argparse's usage dump
+        raise UserError(f"{message} (see --help)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = Parser(description="Evaluate a model (see the top of eval.py).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny",
+                   help="Hugging Face model directory, a LoRA adapter directory, or a preset name (tiny)")
+    p.add_argument("--lora", default=None, metavar="DIR", help="LoRA adapter directory to apply on top")
+    p.add_argument("--data", default=None,
+                   help="evaluation data in any format train.py reads (or 'demo:test'); for --metric choice "
+                        "a jsonl of {question, choices, answer}; default: demo:test (choice: required)")
+    p.add_argument("--metric", default="nll", choices=METRICS,
+                   help="nll: NLL per loss-bearing token and perplexity; accuracy: exact match of greedy "
+                        "replies; choice: multiple choice by log-likelihood")
+    p.add_argument("--template", default=None,
+                   help="chat template for conversation data (preset name, .jinja file or Jinja string); "
+                        "default: the model's own; use the one you trained with")
+    p.add_argument("--train-on-prompt", action="store_true",
+                   help="nll: score prompts / user turns too (match train.py's flag)")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="nll: longer examples are truncated, as train.py --seq-len does (use the same value)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (nll, choice)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="accuracy: most tokens per generated answer")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples / questions")
+    p.add_argument("--json", action="store_true", help="print one JSON line of results to stdout")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="weight dtype; default bf16 on a GPU that supports it, else fp32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; default cuda if available")
+    args = p.parse_args(argv)
+    for flag in ("seq_len", "batch_size", "max_new_tokens", "limit"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            p.error(f"--{flag.replace('_', '-')} {v}: must be >= 1")
+    if args.data is None:
+        if args.metric == "choice":
+            p.error("--metric choice needs --data FILE.jsonl with {question, choices, answer} lines")
+        args.data = "demo:test"
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def eval_nll(model, tokenizer, args) -> dict:
+    from nanolisa.data import read_dataset, tokenize_dataset
+    ds = read_dataset(args.data)
+    examples = tokenize_dataset(ds, tokenizer, seq_len=args.seq_len, template=args.template,
+                                train_on_prompt=args.train_on_prompt).examples[:args.limit]
+    total, n = nll(model, examples, args.batch_size, progress=True)
+    if n == 0:
+        raise UserError(f"{args.data}: no loss-bearing tokens to score (are the outputs empty?)")
+    return {"nll": total / n, "ppl": perplexity(total, n), "tokens": n, "examples": len(examples)}
+
+
+def accuracy_pairs(ds, tokenizer, args) -> tuple[list[list[int]], list[str]]:
+    """(prompt ids, expected answer) for each held-out example."""
+    from nanolisa.data import tokenize_dataset
+    from nanolisa.templates import render_chat
+    prompts, targets = [], []
+    if ds.type == "text2text":
+        # The prompt is the input exactly as training tokenized it: the loss-free prefix of the example.
+        tok = tokenize_dataset(ds, tokenizer, seq_len=10**9, template=args.template, train_on_prompt=False)
+        for inst, (ids, labels) in zip(ds.instances, tok.examples):
+            first = next((i for i, y in enumerate(labels) if y != IGNORE), len(ids))
+            prompts.append(list(ids[:first]))
+            targets.append(inst["output"])
+    elif ds.type == "conversation":
+        for inst in ds.instances:
+            messages = conversation_messages(inst)
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if last is None:
+                continue
+            text = render_chat(messages[:last], tokenizer, args.template, add_generation_prompt=True)
+            prompts.append(tokenizer.encode(text, add_special_tokens=False))
+            targets.append(messages[last]["content"])
+    else:
+        raise UserError(f"{args.data}: --metric accuracy needs text2text or conversation data (this is "
+                        f"{ds.type}); use --metric nll")
+    if not prompts:
+        raise UserError(f"{args.data}: no examples with an answer to compare against")
+    return prompts, targets
+
+
+def conversation_messages(inst: dict) -> list[dict]:
+    """An instance's messages, with its system prompt (LMFlow keeps it in a separate field) first."""
+    messages = list(inst["messages"])
+    system = inst.get("system")
+    if system and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def eval_accuracy(model, tokenizer, args) -> dict:
+    from nanolisa.data import read_dataset
+    ds = read_dataset(args.data)
+    prompts, targets = accuracy_pairs(ds, tokenizer, args)
+    prompts, targets = prompts[:args.limit], targets[:args.limit]
+    stop = stop_ids_for(tokenizer, args.template)
+    correct, _ = exact_match(model, tokenizer, prompts, targets, args.max_new_tokens, stop, progress=True)
+    return {"accuracy": correct / len(prompts), "correct": correct, "examples": len(prompts)}
+
+
+def eval_choice(model, tokenizer, args) -> dict:
+    items = read_choice_file(args.data)[:args.limit]
+    r = score_choices(model, tokenizer, items, args.batch_size, progress=True)
+    return {"accuracy": r["acc"], "accuracy_norm": r["acc_norm"], "examples": r["n"]}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    model, tokenizer = load_for_inference(args.model, args.lora, args.dtype, args.device)
+    t0 = time.perf_counter()
+    result = {"nll": eval_nll, "accuracy": eval_accuracy, "choice": eval_choice}[args.metric](model, tokenizer, args)
+    result = {"metric": args.metric, **result, "model": args.model, "lora": args.lora, "data": args.data,
+              "seconds": round(time.perf_counter() - t0, 3)}
+    if args.json:
+        print(json.dumps(result))
+    elif args.metric == "nll":
+        print(f"nll {result['nll']:.4f} per token, perplexity {result['ppl']:.3f} "
+              f"({result['tokens']} loss tokens in {result['examples']} examples of {args.data})")
+    else:
+        extra = f", length-normalised {result['accuracy_norm']:.4f}" if args.metric == "choice" else ""
+        print(f"{args.metric} {result['accuracy']:.4f}{extra} ({result.get('correct', '')}"
+              f"{'/' if 'correct' in result else ''}{result['examples']} examples of {args.data})")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    run_cli(main)

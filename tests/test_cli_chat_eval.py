@@ -1,0 +1,144 @@
+"""chat.py and eval.py end to end: one-shot replies, --json output, and one-line errors for bad input."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nanolisa
+from nanolisa.evaluate import IGNORE, nll
+from nanolisa.generate import Sampling, generate
+from nanolisa.templates import render_chat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"_{name}_cli", os.path.join(ROOT, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+chat = _script("chat")
+evalcli = _script("eval")
+
+
+def _run(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return nanolisa.load_pretrained("tiny")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small saved Llama with the tiny tokenizer, with weights varied enough to say different things."""
+    _, tok = nanolisa.load_pretrained("tiny")
+    cfg = nanolisa.ModelConfig.from_hf(dict(
+        model_type="llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    torch.manual_seed(0)
+    model = nanolisa.build_model(cfg)
+    model.init_weights(std=0.3)
+    d = str(tmp_path_factory.mktemp("m") / "model")
+    nanolisa.save_pretrained(model, tok, d)
+    return d
+
+
+def test_one_shot_prints_only_the_reply(model_dir, capsys):
+    model, tok = nanolisa.load_pretrained(model_dir)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    ids = tok.encode(render_chat(msgs, tok, add_generation_prompt=True), add_special_tokens=False)
+    expected = tok.decode(generate(model, ids, 30, stop_ids=tok.stop_token_ids), skip_special_tokens=True)
+    chat.main(["--model", model_dir, "--system", "be brief", "--prompt", "2+2?", "--max-new-tokens", "30",
+               "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert out == expected + "\n"
+    assert "tok/s" in err
+
+
+def test_raw_mode_and_seeded_sampling(model_dir, capsys):
+    model, tok = nanolisa.load_pretrained(model_dir)
+    s = Sampling(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.1)
+    expected = tok.decode(generate(model, tok.encode("Once"), 20, s, stop_ids=[], seed=5), skip_special_tokens=True)
+    argv = ["--model", model_dir, "--raw", "--prompt", "Once", "--max-new-tokens", "20", "--temperature", "1",
+            "--top-k", "50", "--top-p", "0.95", "--repetition-penalty", "1.1", "--seed", "5", "--ignore-eos"]
+    chat.main(argv)
+    first = capsys.readouterr().out
+    chat.main(argv)
+    assert capsys.readouterr().out == first == expected + "\n"
+
+
+def test_interactive_reset_and_exit(model_dir, monkeypatch, capsys):
+    lines = iter(["hi", "/reset", "hi", "/exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    chat.main(["--model", model_dir, "--max-new-tokens", "6", "--ignore-eos"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2 and out[0] == out[1]  # after /reset the same greedy reply to the same message
+
+
+def test_interactive_second_turn_sees_the_first(model_dir, monkeypatch, capsys):
+    """The second reply is the greedy continuation of the whole conversation (through the reused cache)."""
+    model, tok = nanolisa.load_pretrained(model_dir)
+    lines = iter(["hi", "and then?"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError
+    monkeypatch.setattr("builtins.input", fake_input)
+    chat.main(["--model", model_dir, "--max-new-tokens", "8"])
+    r1, r2 = capsys.readouterr().out.strip("\n").split("\n")
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": r1},
+            {"role": "user", "content": "and then?"}]
+    ids = tok.encode(render_chat(msgs, tok, add_generation_prompt=True), add_special_tokens=False)
+    assert r2 == tok.decode(generate(model, ids, 8, stop_ids=tok.stop_token_ids), skip_special_tokens=True)
+
+
+def test_choice_metric_json(model_dir, tmp_path, capsys):
+    p = tmp_path / "mc.jsonl"
+    p.write_text('{"question": "1+1", "choices": ["2", "3"], "answer": 0}\n'
+                 '{"question": "sky", "choices": ["blue", "red", "green"], "answer": "A"}\n')
+    evalcli.main(["--model", model_dir, "--metric", "choice", "--data", str(p), "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["metric"] == "choice" and r["examples"] == 2 and 0 <= r["accuracy"] <= 1
+
+
+# ---- bad input: one line on stderr, exit 2, no traceback -------------------------------------------------
+
+@pytest.mark.parametrize("script,args", [
+    ("chat.py", ["--model", "/no/such/dir", "--prompt", "hi"]),
+    ("chat.py", ["--prompt", "hi", "--top-p", "1.5"]),
+    ("chat.py", ["--no-such-flag"]),
+    ("chat.py", ["--raw"]),
+    ("eval.py", ["--model", "/no/such/dir"]),
+    ("eval.py", ["--metric", "choice", "--data", "/no/such/file.jsonl"]),
+    ("eval.py", ["--metric", "bogus"]),
+    ("eval.py", ["--batch-size", "0"]),
+])
+def test_bad_input_is_one_line(script, args):
+    r = _run(script, *args)
+    assert r.returncode == 2, r.stderr
+    assert r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
+    assert "Traceback" not in r.stderr
+
+
+def test_subprocess_one_shot_stdout_is_only_the_reply(model_dir):
+    r = _run("chat.py", "--model", model_dir, "--prompt", "hello", "--max-new-tokens", "5", "--ignore-eos",
+             "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    model, tok = nanolisa.load_pretrained(model_dir)
+    ids = tok.encode(render_chat([{"role": "user", "content": "hello"}], tok, add_generation_prompt=True),
+                     add_special_tokens=False)
+    assert r.stdout == tok.decode(generate(model, ids, 5), skip_special_tokens=True) + "\n"
+    assert "tok/s" in r.stderr
