@@ -424,6 +424,8 @@ def read_adapter_config(adapter_dir: str) -> dict:
 def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
     """Apply the adapter in adapter_dir (PEFT format, written by peft or by nanolisa) to a plain model."""
     c = read_adapter_config(adapter_dir)
+    if lora_modules(model):
+        raise UserError(f"cannot load {adapter_dir}: the model already has LoRA adapters; load into a plain model")
     wpath = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.isfile(wpath):
         raise UserError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}")

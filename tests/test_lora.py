@@ -230,10 +230,11 @@ def test_wrapper_prefixes_do_not_leak(base_dirs, tmp_path):
 
     plain = nanolisa.load_model(base_dirs["gpt2"])
     wrapped = Wrapper(nanolisa.load_model(base_dirs["gpt2"]))
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
     torch.manual_seed(0)
-    names = apply_lora(plain, targets=["c_attn"])
+    assert apply_lora(plain, targets=["c_attn"]) == names
     torch.manual_seed(0)
-    assert apply_lora(wrapped, targets=["c_attn"]) == names == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert apply_lora(wrapped, targets=["c_attn"]) == names  # no "module." prefix
     randomise(plain), randomise(wrapped)
     save_adapter(plain, str(tmp_path / "a"), "base")
     save_adapter(wrapped, str(tmp_path / "b"), "base")
@@ -311,3 +312,43 @@ def test_merge_cli_help_and_wrong_architecture(base_dirs, tmp_path, capsys):
     save_adapter(gpt2, str(tmp_path / "gpt2"), base_dirs["gpt2"])
     with pytest.raises(UserError, match="different architecture"):
         cli.main(["--model", base_dirs["llama"], "--lora", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_dropout_training_mode_matches_peft(base_dirs, tmp_path, dora):
+    """In training mode with lora_dropout, the same dropout masks (same seed) give the same logits as peft:
+    for DoRA that includes peft's choice of rescaling the dropped-out input's base output."""
+    torch.manual_seed(0)
+    model = nanolisa.load_model(base_dirs["llama"])
+    apply_lora(model, r=4, alpha=8, dropout=0.3, targets=["q_proj", "down_proj"], dora=dora)
+    randomise(model)
+    out = str(tmp_path / "adapter")
+    save_adapter(model, out, base_dirs["llama"])
+    pm = peft.PeftModel.from_pretrained(hf_model(base_dirs["llama"]), out, is_trainable=True).train()
+    model.train()
+    x = ids()
+    torch.manual_seed(123)
+    ours = model(x)
+    torch.manual_seed(123)
+    theirs = pm(x).logits
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    torch.manual_seed(7)
+    assert (model(x) - ours).abs().max() > 1e-4  # dropout is really active
+
+
+def test_half_precision_base(base_dirs):
+    """A bf16 model takes bf16 adapters by default, or fp32 adapters on request; merging keeps bf16."""
+    model = nanolisa.load_model(base_dirs["llama"], dtype=torch.bfloat16)
+    apply_lora(model, targets=["q_proj"], dora=True, dtype=torch.float32)
+    m = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert m.weight.dtype == torch.bfloat16 and m.lora_A.weight.dtype == torch.float32
+    randomise(model)
+    with torch.no_grad():
+        assert model(ids()).dtype == torch.bfloat16
+        # The merge is done in fp32 and rounded once: DoRA's m / ||W + sBA|| * (W + sBA), by hand.
+        w = m.weight.float() + m.scaling * m.lora_B.weight @ m.lora_A.weight
+        expected = (m.lora_magnitude_vector / w.norm(dim=1))[:, None] * w
+        merge_lora(model)
+        merged = model.get_submodule("model.layers.0.self_attn.q_proj").weight
+        assert merged.dtype == torch.bfloat16
+        torch.testing.assert_close(merged.float(), expected, atol=0, rtol=2 ** -8)
