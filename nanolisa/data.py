@@ -355,19 +355,20 @@ def tokenize_dataset(ds: Dataset, tokenizer, seq_len: int, template: str | None 
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cache file is simply rebuilt
     raw = _tokenize(ds, tokenizer, template, train_on_prompt)
-    examples, truncated, dropped = [], 0, 0
+    examples, truncated, dropped, num_loss = [], 0, 0, 0
     for ids, labels in raw:
         if len(ids) > seq_len:
             ids, labels = ids[:seq_len], labels[:seq_len]
             truncated += 1
-        if not any(l != IGNORE_INDEX for l in labels[1:]):
+        n_loss = len(labels) - 1 - labels[1:].count(IGNORE_INDEX)  # targets the shifted loss will see
+        if n_loss == 0:
             dropped += 1
             continue
-        examples.append((list(ids), list(labels)))
+        examples.append((ids, labels))
+        num_loss += n_loss
     if not examples:
         raise UserError(f"{ds.source}: no example has a token to train on after truncation to --seq-len {seq_len}")
-    data = TokenizedData(examples, seq_len, truncated, dropped,
-                         sum(sum(l != IGNORE_INDEX for l in lab[1:]) for _, lab in examples), ds.source)
+    data = TokenizedData(examples, seq_len, truncated, dropped, num_loss, ds.source)
     if path is not None:
         try:
             _save_cache(path, data)

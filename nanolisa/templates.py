@@ -35,6 +35,7 @@ assistant spans exactly, for any template, without parsing it:
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -284,16 +285,16 @@ def assistant_spans(messages: list[dict], tokenizer, template: str | None = None
 
 
 def labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """Label every token whose characters overlap an assistant span; -100 elsewhere."""
+    """Label every token whose characters overlap an assistant span; -100 elsewhere.
+
+    Token offsets are sorted, so the tokens overlapping span (s, e) are one contiguous run: from the first
+    token ending after s to the last token starting before e. Two binary searches per span, then a slice
+    copy, keep this fast on long examples (no Python loop over tokens)."""
     labels = [IGNORE_INDEX] * len(ids)
-    s = 0
-    for t, (a, b) in enumerate(offsets):
-        while s < len(spans) and a >= spans[s][1]:
-            s += 1
-        if s == len(spans):
-            break
-        if b > spans[s][0] and b > a:
-            labels[t] = ids[t]
+    for s, e in spans:
+        lo = bisect.bisect_right(offsets, s, key=lambda o: o[1])   # first token with end > s
+        hi = bisect.bisect_left(offsets, e, lo=lo, key=lambda o: o[0])  # first token with start >= e
+        labels[lo:hi] = ids[lo:hi]
     return labels
 
 
