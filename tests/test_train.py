@@ -1,0 +1,127 @@
+"""train.py end to end: the output loads in transformers, a killed run resumes bit-for-bit, bad input fails
+with one line and writes nothing."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+
+import nanolisa
+from nanolisa.trainer import TrainConfig, lr_at, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ["--batch-size", "4", "--seq-len", "64", "--no-plot"]
+
+
+def run_train(*args, check=True, **kw):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                       cwd=ROOT, **kw)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_lisa_run_writes_a_model_transformers_loads(tmp_path):
+    out = tmp_path / "out"
+    final = train(TrainConfig(out=str(out), steps=12, interval=4, batch_size=4, seq_len=64, eval_every=6,
+                              plot=False, quiet=True))
+    assert final["step"] == 12 and "eval_loss" in final
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    actives = [tuple(r["active"]) for r in rows if "active" in r]
+    assert len(actives) == 12 and all(len(a) == 1 for a in actives)
+    assert all(actives[i] == actives[i - i % 4] for i in range(12))  # switches only every --interval steps
+    ours = nanolisa.load_model(str(out))
+    hf = tf.AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), hf(ids).logits, atol=1e-4)
+    assert tf.AutoTokenizer.from_pretrained(out).encode("1+2=") == nanolisa.load_pretrained(str(out))[1].encode("1+2=")
+
+
+def test_lisa_changes_only_active_blocks_between_switches(tmp_path):
+    """Across one interval the frozen blocks of the saved model equal the preset's initial weights."""
+    out = tmp_path / "out"
+    train(TrainConfig(out=str(out), steps=3, interval=10, lisa_layers=2, batch_size=4, seq_len=64,
+                      eval_every=0, plot=False, quiet=True))
+    active = json.loads(open(out / "metrics.jsonl").readline())["active"]
+    start, _ = nanolisa.load_pretrained("tiny")
+    end = nanolisa.load_model(str(out))
+    for i, (b0, b1) in enumerate(zip(start.blocks, end.blocks)):
+        same = all(torch.equal(p0, p1) for p0, p1 in zip(b0.parameters(), b1.parameters()))
+        assert same == (i not in active), i
+    assert not torch.equal(start.model.embed_tokens.weight, end.model.embed_tokens.weight)
+
+
+def test_kill_and_resume_is_bit_exact(tmp_path):
+    args = ["--steps", "40", "--save-every", "5", "--interval", "3", "--eval-every", "0", *QUICK]
+    run_train(*args, "--out", str(tmp_path / "straight"))
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoints" / "step-0000010"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    assert proc.poll() is None, "run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists()
+    run_train(*args, "--out", str(out), "--resume")
+
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda d: [json.loads(line) for line in open(d / "metrics.jsonl")]  # noqa: E731
+    assert [r["loss"] for r in rows(tmp_path / "straight")] == [r["loss"] for r in rows(out)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lisa-layers", "7"], "out of range: the model has 6 blocks"),
+    (["--lisa-layers", "-1"], "--lisa-layers must be >= 0"),
+    (["--interval", "0"], "--interval must be >= 1"),
+    (["--method", "sgd"], "unknown --method 'sgd'"),
+    (["--model", "no/such/dir"], "no/such/dir: no such model directory"),
+    (["--data", "no/such/file.json"], "no/such/file.json"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    p = run_train(*args, "--out", str(out), "--steps", "2", *QUICK, check=False)
+    assert p.returncode == 2
+    assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not out.exists()
+
+
+def test_out_with_another_runs_checkpoint_is_refused(tmp_path):
+    out = tmp_path / "out"
+    run_train("--steps", "4", "--save-every", "2", "--eval-every", "0", *QUICK, "--out", str(out))
+    before = sorted(os.listdir(out))
+    p = run_train("--steps", "4", *QUICK, "--out", str(out), check=False)
+    assert p.returncode == 2 and "pass --resume" in p.stderr
+    p = run_train("--steps", "4", "--lr", "0.5", "--eval-every", "0", *QUICK, "--out", str(out), "--resume",
+                  check=False)
+    assert p.returncode == 2 and "different settings (lr" in p.stderr
+    assert sorted(os.listdir(out)) == before
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    p = run_train("--steps", "30", "--lr", "1e30", "--save-every", "1", "--clip", "0", "--eval-every", "0",
+                  *QUICK, "--out", str(out), check=False)
+    assert p.returncode == 2 and "loss became" in p.stderr and "at step" in p.stderr, p.stderr
+    assert not (out / "model.safetensors").exists()
+    assert "last good checkpoint is" in p.stderr
+
+
+def test_schedule_warmup_then_cosine_to_min_lr():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup=10, schedule="cosine")
+    lrs = [lr_at(s, 110, cfg) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] > 0.1
