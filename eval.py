@@ -19,8 +19,10 @@ import json
 import sys
 import time
 
+import torch
+
 from nanolisa.errors import UserError, run_cli
-from nanolisa.evaluate import IGNORE, exact_match, nll, perplexity, read_choice_file, score_choices
+from nanolisa.evaluate import exact_match, nll, perplexity, read_choice_file, score_choices
 from nanolisa.generate import load_for_inference, stop_ids_for
 
 METRICS = ("nll", "accuracy", "choice")
@@ -50,13 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="nll: score prompts / user turns too (match train.py's flag)")
     p.add_argument("--seq-len", type=int, default=256,
                    help="nll: longer examples are truncated, as train.py --seq-len does (use the same value)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (nll, choice)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (accuracy: prompts of equal length decoded together)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="accuracy: most tokens per generated answer")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples / questions")
     p.add_argument("--json", action="store_true", help="print one JSON line of results to stdout")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="weight dtype; default bf16 on a GPU that supports it, else fp32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; default cuda if available")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch; default: torch's choice. On a busy machine --threads 1 can be "
+                        "much faster: decoding runs many small matmuls that wait on the slowest thread")
     args = p.parse_args(argv)
     for flag in ("seq_len", "batch_size", "max_new_tokens", "limit"):
         v = getattr(args, flag)
@@ -83,51 +88,42 @@ def eval_nll(model, tokenizer, args) -> dict:
     return {"nll": total / n, "ppl": perplexity(total, n), "tokens": n, "examples": len(examples)}
 
 
-def accuracy_pairs(ds, tokenizer, args) -> tuple[list[list[int]], list[str]]:
-    """(prompt ids, expected answer) for each held-out example."""
-    from nanolisa.data import tokenize_dataset
+def accuracy_pairs(ds, tokenizer, template: str | None) -> tuple[list[list[int]], list[str]]:
+    """(prompt ids, expected answer) for each held-out example: exactly what the model was trained to see
+    before the answer."""
     from nanolisa.templates import render_chat
     prompts, targets = [], []
     if ds.type == "text2text":
-        # The prompt is the input exactly as training tokenized it: the loss-free prefix of the example.
-        tok = tokenize_dataset(ds, tokenizer, seq_len=10**9, template=args.template, train_on_prompt=False)
-        for inst, (ids, labels) in zip(ds.instances, tok.examples):
-            first = next((i for i, y in enumerate(labels) if y != IGNORE), len(ids))
-            prompts.append(list(ids[:first]))
+        # as data.py tokenizes text2text: the input with the tokenizer's special tokens but never its EOS
+        for inst in ds.instances:
+            ids = tokenizer.encode(inst["input"], add_special_tokens=True)
+            if tokenizer.adds_eos and ids and ids[-1] == tokenizer.eos_token_id:
+                ids = ids[:-1]
+            prompts.append(ids)
             targets.append(inst["output"])
     elif ds.type == "conversation":
         for inst in ds.instances:
-            messages = conversation_messages(inst)
-            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-            if last is None:
-                continue
-            text = render_chat(messages[:last], tokenizer, args.template, add_generation_prompt=True)
-            prompts.append(tokenizer.encode(text, add_special_tokens=False))
+            messages = ([{"role": "system", "content": inst["system"]}] if "system" in inst else []) + \
+                inst["messages"]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")  # data.py checks it exists
+            text = render_chat(messages[:last], tokenizer, template, add_generation_prompt=True,
+                               tools=inst.get("tools"))
+            prompts.append(tokenizer.encode(text, add_special_tokens=False))  # the template writes any BOS
             targets.append(messages[last]["content"])
     else:
-        raise UserError(f"{args.data}: --metric accuracy needs text2text or conversation data (this is "
+        raise UserError(f"{ds.source}: --metric accuracy needs text2text or conversation data (this is "
                         f"{ds.type}); use --metric nll")
-    if not prompts:
-        raise UserError(f"{args.data}: no examples with an answer to compare against")
     return prompts, targets
-
-
-def conversation_messages(inst: dict) -> list[dict]:
-    """An instance's messages, with its system prompt (LMFlow keeps it in a separate field) first."""
-    messages = list(inst["messages"])
-    system = inst.get("system")
-    if system and not (messages and messages[0]["role"] == "system"):
-        messages = [{"role": "system", "content": system}] + messages
-    return messages
 
 
 def eval_accuracy(model, tokenizer, args) -> dict:
     from nanolisa.data import read_dataset
     ds = read_dataset(args.data)
-    prompts, targets = accuracy_pairs(ds, tokenizer, args)
+    prompts, targets = accuracy_pairs(ds, tokenizer, args.template)
     prompts, targets = prompts[:args.limit], targets[:args.limit]
     stop = stop_ids_for(tokenizer, args.template)
-    correct, _ = exact_match(model, tokenizer, prompts, targets, args.max_new_tokens, stop, progress=True)
+    correct, _ = exact_match(model, tokenizer, prompts, targets, args.max_new_tokens, stop, args.batch_size,
+                             progress=True)
     return {"accuracy": correct / len(prompts), "correct": correct, "examples": len(prompts)}
 
 
@@ -139,6 +135,10 @@ def eval_choice(model, tokenizer, args) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads {args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_for_inference(args.model, args.lora, args.dtype, args.device)
     t0 = time.perf_counter()
     result = {"nll": eval_nll, "accuracy": eval_accuracy, "choice": eval_choice}[args.metric](model, tokenizer, args)

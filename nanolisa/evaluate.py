@@ -10,7 +10,8 @@ Batching. The model has no padding mask, so examples are right-padded: with caus
 only ever attends to positions before it, never to the padding after it, so padding cannot change a real
 token's logits, and its labels are -100. Examples are sorted by length first so a batch wastes little.
 
-Accuracy. Greedy generation from each prompt, compared with the target after stripping whitespace.
+Accuracy. Greedy generation from each prompt, compared with the target after stripping whitespace; prompts
+of equal length are decoded as one batch (no padding, so no mask needed).
 
 Multiple choice. For {question, choices, answer}, each choice's log-likelihood as a continuation of
 "Question: ...\\nAnswer:" is summed (the lm-evaluation-harness recipe); the prediction is the most likely
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanolisa.errors import UserError
-from nanolisa.generate import Decoder, Sampling
+from nanolisa.generate import greedy_batch
 
 IGNORE = -100  # label of a token that carries no loss (PyTorch's and transformers' convention)
 Example = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels)
@@ -90,19 +91,24 @@ def perplexity(total_nll: float, n_tokens: int) -> float:
 
 
 def exact_match(model: torch.nn.Module, tokenizer, prompts: Sequence[list[int]], targets: Sequence[str],
-                max_new_tokens: int = 64, stop_ids: Iterable[int] | None = None,
+                max_new_tokens: int = 64, stop_ids: Iterable[int] | None = None, batch_size: int = 8,
                 progress: bool = False) -> tuple[int, list[str]]:
-    """(number correct, predictions): greedy replies, one prompt at a time, compared after strip()."""
+    """(number correct, predictions): greedy replies compared with the targets after strip(). Prompts of
+    equal length are decoded together, batch_size at a time (see generate.greedy_batch)."""
     stop = list(tokenizer.stop_token_ids if stop_ids is None else stop_ids)
-    dec = Decoder(model)
-    correct, preds = 0, []
-    for prompt, target in tqdm(list(zip(prompts, targets)), desc="accuracy", unit="ex", file=sys.stderr,
-                               disable=not progress):
-        dec.reset()  # prompts are unrelated: no prefix to share
-        ids = list(dec.stream(prompt, max_new_tokens, Sampling(), stop))
-        pred = tokenizer.decode(ids, skip_special_tokens=True)
-        preds.append(pred)
-        correct += pred.strip() == target.strip()
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    groups = [g[k:k + batch_size] for g in by_len.values() for k in range(0, len(g), batch_size)]
+    preds = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="accuracy", unit="ex", file=sys.stderr, disable=not progress)
+    for group in groups:
+        replies = greedy_batch(model, [list(prompts[i]) for i in group], max_new_tokens, stop)
+        for i, ids in zip(group, replies):
+            preds[i] = tokenizer.decode(ids, skip_special_tokens=True)
+        bar.update(len(group))
+    bar.close()
+    correct = sum(p.strip() == t.strip() for p, t in zip(preds, targets))
     return correct, preds
 
 

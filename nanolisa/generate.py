@@ -186,6 +186,39 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
     return list(dec.stream(prompt_ids, max_new_tokens, sampling, stop_ids, generator))
 
 
+@torch.no_grad()
+def greedy_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int,
+                 stop_ids: Iterable[int] = ()) -> list[list[int]]:
+    """Greedy replies to prompts of equal length, decoded side by side: one forward pass per step for the
+    whole group (no padding needed, so every row gets what `generate` gives it alone). A row that has
+    stopped rides along until all have; its extra tokens are dropped."""
+    T = len(prompts[0])
+    if any(len(p) != T for p in prompts):
+        raise ValueError("greedy_batch needs prompts of equal length (group them by length)")
+    context = int(model.config.max_position_embeddings)
+    if T == 0 or T >= context:
+        raise UserError(f"prompt of {T} tokens does not fit the model's context of {context}")
+    model.eval()
+    stop = set(stop_ids)
+    device = model.lm_head.weight.device
+    max_new_tokens = min(max_new_tokens, context - T)
+    cache = model.new_kv_cache(len(prompts), T + max_new_tokens)
+    logits = model(torch.tensor(prompts, dtype=torch.long, device=device), kv_cache=cache)[:, -1]  # (B, V)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step in range(max_new_tokens):
+        tok = logits.float().argmax(dim=-1)  # (B,)
+        for b, t in enumerate(tok.tolist()):
+            if not done[b]:
+                done[b] = t in stop
+                if not done[b]:
+                    out[b].append(t)
+        if all(done) or step + 1 == max_new_tokens:
+            break
+        logits = model(tok[:, None], kv_cache=cache)[:, -1]
+    return out
+
+
 def pick_device(device: str | None) -> torch.device:
     """--device: a torch device string; by default cuda if available, else cpu."""
     if device is None:

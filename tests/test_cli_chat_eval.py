@@ -1,6 +1,7 @@
 """chat.py and eval.py end to end: one-shot replies, --json output, and one-line errors for bad input."""
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +10,6 @@ import pytest
 import torch
 
 import nanolisa
-from nanolisa.evaluate import IGNORE, nll
 from nanolisa.generate import Sampling, generate
 from nanolisa.templates import render_chat
 
@@ -142,3 +142,93 @@ def test_subprocess_one_shot_stdout_is_only_the_reply(model_dir):
                      add_special_tokens=False)
     assert r.stdout == tok.decode(generate(model, ids, 5), skip_special_tokens=True) + "\n"
     assert "tok/s" in r.stderr
+
+
+def test_lora_adapter_flag_and_bare_adapter_dir(model_dir, tmp_path, capsys):
+    from nanolisa.lora import apply_lora, lora_modules, save_adapter
+    model, tok = nanolisa.load_pretrained(model_dir)
+    base_ids = generate(model, tok.encode("abc"), 12)
+    apply_lora(model, r=4, alpha=8)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0, 0.5)  # B starts at zero: make the adapter do something
+    adapter = str(tmp_path / "adapter")
+    save_adapter(model, adapter, base_model_name_or_path=model_dir)
+    expected = generate(model, tok.encode("abc"), 12)
+    assert expected != base_ids  # the adapter changes what the model says
+    for argv in (["--model", model_dir, "--lora", adapter], ["--model", adapter]):
+        chat.main(argv + ["--raw", "--prompt", "abc", "--max-new-tokens", "12", "--ignore-eos"])
+        assert capsys.readouterr().out == tok.decode(expected, skip_special_tokens=True) + "\n"
+
+
+# ---- eval.py on data files -------------------------------------------------------------------------------
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _no_home_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOLISA_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("kind", ["text_only", "text2text", "conversation"])
+def test_eval_nll_json_equals_library_nll(model_dir, tmp_path, capsys, kind):
+    from nanolisa.data import read_dataset, tokenize_dataset
+    from nanolisa.evaluate import nll
+    inst = {"text_only": [{"text": "the cat sat"}, {"text": "on the mat, twice over"}],
+            "text2text": [{"input": "1+1=", "output": "2"}, {"input": "upper(ab)=", "output": "AB"}],
+            "conversation": [{"system": "s", "messages": [{"role": "user", "content": "hi"},
+                                                           {"role": "assistant", "content": "hello!"}]}]}[kind]
+    path = _write(tmp_path / "d.json", {"type": kind, "instances": inst})
+    evalcli.main(["--model", model_dir, "--data", path, "--json", "--batch-size", "2"])
+    r = json.loads(capsys.readouterr().out)
+    model, tok = nanolisa.load_pretrained(model_dir)
+    examples = tokenize_dataset(read_dataset(path), tok, seq_len=256).examples
+    total, n = nll(model, examples, batch_size=1)
+    if kind == "text_only":  # every token after the first of each example
+        assert n == sum(len(tok.encode(x["text"])) - 1 for x in inst)
+    assert r["tokens"] == n and r["nll"] == pytest.approx(total / n, rel=1e-6)
+    assert r["ppl"] == pytest.approx(math.exp(total / n), rel=1e-6)
+
+
+def test_eval_accuracy_counts_exact_matches(model_dir, tmp_path, capsys):
+    """Targets built from the model's own greedy replies: known correct ones, known wrong ones."""
+    model, tok = nanolisa.load_pretrained(model_dir)
+    inputs = ["ab=", "cd=", "xyz=", "q="]
+    replies = [tok.decode(generate(model, tok.encode(x), 8, stop_ids=tok.stop_token_ids), skip_special_tokens=True)
+               for x in inputs]
+    outputs = [" " + replies[0] + " ", replies[1], replies[2] + "!", "?" + replies[3]]  # 2 right, 2 wrong
+    path = _write(tmp_path / "t2t.json", {"type": "text2text", "instances": [
+        {"input": i, "output": o} for i, o in zip(inputs, outputs)]})
+    evalcli.main(["--model", model_dir, "--data", path, "--metric", "accuracy", "--max-new-tokens", "8", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert (r["correct"], r["examples"], r["accuracy"]) == (2, 4, 0.5)
+
+
+def test_accuracy_prompts_are_the_training_prefix(tiny):
+    """The prompt eval.py generates from is exactly the loss-free prefix training conditions the answer on."""
+    from nanolisa.data import read_dataset, tokenize_dataset
+    _, tok = tiny
+    for data in ("demo:test", "demo:text2text:test"):
+        ds = read_dataset(data)
+        ds.instances = ds.instances[:20]
+        prompts, targets = evalcli.accuracy_pairs(ds, tok, None)
+        examples = tokenize_dataset(ds, tok, seq_len=4096, cache_dir=False).examples
+        for p, t, (ids, labels) in zip(prompts, targets, examples):
+            first = next(i for i, y in enumerate(labels) if y != -100)
+            assert list(ids[:first]) == p
+            answer = [i for i, y in zip(ids[first:], labels[first:]) if y != -100]  # the reply and its end token
+            assert tok.decode(answer, skip_special_tokens=True) == t
+
+
+def test_eval_bad_data_is_one_line(model_dir, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for args in (["--data", str(bad)], ["--data", str(tmp_path / "missing.json")],
+                 ["--data", _write(tmp_path / "t.json", {"type": "text_only", "instances": [{"text": "abc"}]}),
+                  "--metric", "accuracy"]):
+        r = _run("eval.py", "--model", model_dir, *args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr

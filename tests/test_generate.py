@@ -6,8 +6,8 @@ import transformers
 
 from nanolisa.checkpoint import load_model
 from nanolisa.errors import UserError
-from nanolisa.generate import (Decoder, Sampling, TextStream, generate, next_token, repetition_penalty,
-                               top_k_filter, top_p_filter)
+from nanolisa.generate import (Decoder, Sampling, TextStream, generate, greedy_batch, next_token,
+                               repetition_penalty, top_k_filter, top_p_filter)
 
 V = 96
 
@@ -124,6 +124,19 @@ def test_context_limit(pair):
     with pytest.raises(UserError):
         generate(model, [5] * 128, 4)
     assert len(generate(model, [5] * 120, 50, stop_ids=[])) == 8  # capped at the context of 128
+
+
+def test_greedy_batch_rows_equal_single_generation(pair):
+    _, model = pair
+    g = torch.Generator().manual_seed(4)
+    prompts = torch.randint(3, V, (5, 9), generator=g).tolist()
+    single = [generate(model, p, 16) for p in prompts]
+    stop = single[0][4]  # stops row 0 early (and any row that produces it), the others run on
+    expected = [generate(model, p, 16, stop_ids=[stop]) for p in prompts]
+    assert greedy_batch(model, prompts, 16, stop_ids=[stop]) == expected
+    assert greedy_batch(model, prompts, 16) == single
+    with pytest.raises(ValueError):
+        greedy_batch(model, [[1, 2], [1, 2, 3]], 4)
 
 
 # ---- logits processors vs transformers -------------------------------------------------------------------
