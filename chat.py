@@ -2,13 +2,14 @@
 
     python chat.py                                   # the built-in tiny model (random weights: gibberish)
     python chat.py --model out                       # the model `python train.py` just fine-tuned
-    python chat.py --model out --lora out/adapter    # a base model plus a LoRA adapter
+    python chat.py --model path/to/llama --lora out  # a base model plus a LoRA adapter (--method lora);
+                                                     # --model out alone finds the base the adapter names
     python chat.py --model path/to/Llama-3-8B-Instruct --temperature 0.7 --top-p 0.9 --system "Be brief."
     python chat.py --model out --prompt "What is 2+3?"          # one-shot: only the reply goes to stdout
     python chat.py --model path/to/gpt2 --raw --prompt "Once upon a time" --max-new-tokens 50
 
-In the chat, /reset starts a new conversation (the system prompt stays) and /exit (or Ctrl-D) quits.
-The conversation is written with the model's chat template (or --template NAME) and each reply stops at
+In the chat, /reset starts a new conversation (the system prompt stays), Ctrl-C interrupts a reply and
+/exit (or Ctrl-D) quits. The conversation is written with the model's chat template (or --template NAME) and each reply stops at
 EOS or the template's end-of-turn token. Each turn only prefills what is new: the cached keys and values of
 the conversation so far are reused (see nanolisa/generate.py). Single process; runs on CPU or one GPU.
 """
@@ -145,6 +146,8 @@ def interactive(chat: Chat) -> None:
             chat.reply(user, sys.stdout)
         except UserError as e:  # e.g. the conversation outgrew the context: say so and keep the session
             print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply (it is not kept), not the session
+            print("\n(reply interrupted)", file=sys.stderr)
 
 
 def main(argv=None) -> None:
