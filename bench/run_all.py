@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Run nanolisa's and the peers' training benchmarks back to back and print one markdown report.
+
+For each shape, sequentially, one mode per process (peak RSS is per process):
+  nanolisa  bench/bench_train.py   full, lora, lisa gamma=1, lisa gamma=2  (+ full and lisa with --ckpt)
+  peers     peer_stack.py          full (torch AdamW), lora (peft), lmflow (LMFlow's LISA callback as shipped)
+then a table of the raw figures and the ratios behind nanolisa's targets:
+  LISA gamma=1 peak RSS <= 0.5x full fine-tuning and <= 1.1x LoRA; flat across switches (within 5%);
+  LISA tokens/s >= 1.25x full fine-tuning.
+
+peer_stack.py is run unchanged through runpy. The one addition: its two time.perf_counter() calls (start of
+step 1, end of the run) also read time.process_time(), so its rows get tokens per CPU-second as well --
+on a shared 2-core machine wall-clock speed depends on what else runs, CPU time much less so.
+
+Usage:
+  .venv/bin/python bench/run_all.py                  # shapes a and b (about 20-25 minutes on 2 cores)
+  .venv/bin/python bench/run_all.py --shape b        # only peer_stack.py's documented example
+  .venv/bin/python bench/run_all.py --shape tiny     # a seconds-long smoke run of the whole pipeline
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PEER = "/work/shared/bench/peer_stack.py"
+
+SHAPES = {
+    # issue 4's target: ~100M-parameter Llama-shaped model, 12 blocks of width 768, small vocab, 4 x 512, fp32.
+    # --steps 12 with --interval 1: 12 switches (the first at step 0).
+    "a": "--layers 12 --hidden 768 --ffn 2048 --heads 12 --kv-heads 12 --vocab 320 --batch 4 --seq 512 "
+         "--steps 12 --interval 1",
+    # peer_stack.py's documented example.
+    "b": "--layers 8 --hidden 1024 --ffn 2816 --heads 8 --kv-heads 4 --vocab 300 --batch 2 --seq 128 "
+         "--steps 11 --interval 1",
+    "tiny": "--layers 4 --hidden 128 --ffn 256 --heads 4 --kv-heads 2 --vocab 300 --batch 2 --seq 64 "
+            "--steps 4 --interval 1",
+}
+
+
+def peer_main(argv: list[str]) -> None:
+    """Run peer_stack.py as-is, adding tokens per CPU-second to its JSON line."""
+    import contextlib
+    import io
+    import runpy
+
+    script, args = argv[0], argv[1:]
+    cpu_marks = []
+    wall = time.perf_counter
+
+    def perf_counter() -> float:
+        cpu_marks.append(time.process_time())
+        return wall()
+
+    time.perf_counter = perf_counter
+    sys.argv = [script] + args
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        runpy.run_path(script, run_name="__main__")
+    row = json.loads(buf.getvalue().strip().splitlines()[-1])
+    a = dict(zip(args[::2], args[1::2]))
+    tokens = int(a.get("--batch", 2)) * int(a.get("--seq", 128)) * (int(a.get("--steps", 11)) - 1)
+    row["tokens_per_cpu_s"] = round(tokens / (cpu_marks[-1] - cpu_marks[0]), 1)
+    print(json.dumps(row), flush=True)
+
+
+def peer_base_rss(with_peft: bool) -> int:
+    """RSS (MB) of a process that has imported what peer_stack.py imports, before it builds a model."""
+    code = ("import torch, transformers as tf; tf.LlamaForCausalLM; " + ("import peft; " if with_peft else "") +
+            "print(int(open('/proc/self/statm').read().split()[1]) * 4096 // 2**20)")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def run(cmd: list[str], log) -> dict:
+    t = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        sys.stderr.write(p.stderr)
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    row = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
+    row["elapsed_s"] = round(time.time() - t)
+    print(f"  {row['elapsed_s']:4d}s  {json.dumps(row)}", file=log, flush=True)
+    return row
+
+
+def fmt_ratio(x: float, target: str, ok: bool) -> str:
+    return f"{x:.2f}x ({'met' if ok else 'NOT met'}: {target})"
+
+
+def report(shape: str, rows: dict[str, dict], peer_base: tuple[int, int], commands: list[str]) -> str:
+    out = [f"### Shape {shape}: `{SHAPES[shape]}`", ""]
+    out.append("| stack | mode | peak RSS MB | peak - import RSS MB | weights+grads+Adam (theory) MB "
+               "| saved activations MB | tokens/s (wall) | tokens/CPU-s | Adam state tensors |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for key, r in rows.items():
+        stack, mode = key.split(":")
+        base = r.get("base_rss_mb", peer_base[mode == "lora"])
+        out.append(f"| {stack} | {mode} | {r['peak_rss_mb']} | {r['peak_rss_mb'] - base} "
+                   f"| {r.get('theory_state_mb', '')} | {r.get('saved_activations_mb', '')} "
+                   f"| {r['tokens_per_s']} | {r.get('tokens_per_cpu_s', '')} | {r['optimizer_state_tensors']} |")
+    out.append("")
+    L = rows["nanolisa:lisa-g1"]
+    full, lora = rows["nanolisa:full"], rows["nanolisa:lora"]
+    pfull, plmf = rows["peers:full"], rows["peers:lmflow"]
+    pk = L["peak_rss_mb"]
+    out += [
+        f"- nanolisa LISA g=1 peak vs nanolisa full: "
+        f"{fmt_ratio(pk / full['peak_rss_mb'], '<= 0.5x', pk <= 0.5 * full['peak_rss_mb'])}",
+        f"- nanolisa LISA g=1 peak vs nanolisa LoRA: "
+        f"{fmt_ratio(pk / lora['peak_rss_mb'], '<= 1.1x', pk <= 1.1 * lora['peak_rss_mb'])}",
+        f"- nanolisa LISA g=1 peak vs peers' full: {pk / pfull['peak_rss_mb']:.2f}x; "
+        f"vs LMFlow LISA: {pk / plmf['peak_rss_mb']:.2f}x",
+        f"- LISA g=1 flat across {L['switches']} switches: peak after the 1st {L['peak_rss_after_first_switch_mb']}"
+        f" MB, after the last {L['peak_rss_after_last_switch_mb']} MB: "
+        f"{fmt_ratio(L['flat_ratio'], '<= 1.05x', L['flat_ratio'] <= 1.05)}",
+        f"- LISA g=1 tokens/s vs nanolisa full: wall "
+        f"{fmt_ratio(L['tokens_per_s'] / full['tokens_per_s'], '>= 1.25x', L['tokens_per_s'] >= 1.25 * full['tokens_per_s'])}"
+        f"; per CPU-second {L['tokens_per_cpu_s'] / full['tokens_per_cpu_s']:.2f}x",
+        f"- LISA g=1 tokens/s vs peers' full: wall {L['tokens_per_s'] / pfull['tokens_per_s']:.2f}x, "
+        f"per CPU-second {L['tokens_per_cpu_s'] / pfull['tokens_per_cpu_s']:.2f}x; vs LMFlow LISA: wall "
+        f"{L['tokens_per_s'] / plmf['tokens_per_s']:.2f}x, per CPU-second "
+        f"{L['tokens_per_cpu_s'] / plmf['tokens_per_cpu_s']:.2f}x",
+    ]
+    if "nanolisa:lisa-g1+ckpt" in rows and "nanolisa:full+ckpt" in rows:
+        c, f = rows["nanolisa:lisa-g1+ckpt"]["peak_rss_mb"], rows["nanolisa:full+ckpt"]["peak_rss_mb"]
+        out.append(f"- with activation checkpointing: LISA g=1 peak {c} MB vs full {f} MB: "
+                   f"{fmt_ratio(c / f, '<= 0.5x', c <= 0.5 * f)}; vs LoRA (no checkpointing): "
+                   f"{c / lora['peak_rss_mb']:.2f}x")
+    out += ["", "Per-step detail (LISA g=1): active block, peak RSS within the step (MB), RSS after the step (MB):",
+            "", "| step | " + " | ".join(str(i) for i in range(len(L["step_peak_mb"]))) + " |",
+            "|---|" + "---:|" * len(L["step_peak_mb"]),
+            "| active block | " + " | ".join(str(x) for x in L["active_by_step"]) + " |",
+            "| peak in step | " + " | ".join(str(x) for x in L["step_peak_mb"]) + " |",
+            "| RSS after | " + " | ".join(str(x) for x in L["rss_by_step_mb"]) + " |", "",
+            "<details><summary>commands and raw JSON</summary>", "", "```"]
+    out += commands + [""] + [json.dumps({"run": k, **r}) for k, r in rows.items()] + ["```", "</details>", ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--peer":
+        return peer_main(sys.argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=["a", "b", "both", "tiny"], default="both")
+    ap.add_argument("--no-ckpt", action="store_true", help="skip the activation-checkpointing rows")
+    ap.add_argument("--peer-script", default=PEER)
+    ap.add_argument("--out", help="also write the markdown report here")
+    a = ap.parse_args()
+
+    py = sys.executable
+    shapes = ["a", "b"] if a.shape == "both" else [a.shape]
+    peer_base = peer_base_rss(False), peer_base_rss(True)
+    parts = [f"Run {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()} {os.cpu_count()} CPUs, "
+             f"torch {__import__('torch').__version__}, Python {platform.python_version()}; "
+             f"peers' import RSS {peer_base[0]} MB (torch + transformers), {peer_base[1]} MB (+ peft).", ""]
+    for shape in shapes:
+        args = SHAPES[shape].split()
+        ours = [("nanolisa:full", ["--mode", "full"]), ("nanolisa:lora", ["--mode", "lora"]),
+                ("nanolisa:lisa-g1", ["--mode", "lisa", "--lisa-layers", "1"]),
+                ("nanolisa:lisa-g2", ["--mode", "lisa", "--lisa-layers", "2"])]
+        if not a.no_ckpt:
+            ours += [("nanolisa:full+ckpt", ["--mode", "full", "--grad-checkpointing"]),
+                     ("nanolisa:lisa-g1+ckpt", ["--mode", "lisa", "--lisa-layers", "1", "--grad-checkpointing"])]
+        peers = [("peers:full", ["--mode", "full"]), ("peers:lora", ["--mode", "lora"]),
+                 ("peers:lmflow", ["--mode", "lmflow", "--lisa-layers", "1"])]
+        jobs = [(k, [py, "bench/bench_train.py"] + m + args) for k, m in ours]
+        jobs += [(k, [py, "bench/run_all.py", "--peer", a.peer_script] + m + args) for k, m in peers]
+        print(f"shape {shape}:", file=sys.stderr, flush=True)
+        rows = {k: run(cmd, sys.stderr) for k, cmd in jobs}
+        commands = [" ".join(os.path.relpath(c, ROOT) if c == py else c for c in cmd) for _, cmd in jobs]
+        parts.append(report(shape, rows, peer_base, commands))
+    text = "\n".join(parts)
+    print(text)
+    if a.out:
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, a.out)
+
+
+if __name__ == "__main__":
+    main()
