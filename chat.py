@@ -9,9 +9,10 @@
     python chat.py --model path/to/gpt2 --raw --prompt "Once upon a time" --max-new-tokens 50
 
 In the chat, /reset starts a new conversation (the system prompt stays), Ctrl-C interrupts a reply and
-/exit (or Ctrl-D) quits. The conversation is written with the model's chat template (or --template NAME) and each reply stops at
-EOS or the template's end-of-turn token. Each turn only prefills what is new: the cached keys and values of
-the conversation so far are reused (see nanolisa/generate.py). Single process; runs on CPU or one GPU.
+/exit (or Ctrl-D) quits. The conversation is written with the model's chat template (or --template NAME)
+and each reply stops at EOS or the template's end-of-turn token. Each turn only prefills what is new: the
+cached keys and values of the conversation so far are reused (see nanolisa/generate.py). Single process;
+runs on CPU or one GPU.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(description="Chat with a model in the terminal (see the top of chat.py).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny", help="Hugging Face model directory, or a preset name (tiny)")
+    p = Parser(description="Chat with a model in the terminal (see the top of chat.py).")
+    p.add_argument("--model", default="tiny",
+                   help="Hugging Face model directory, LoRA adapter directory, or a preset name (default: %(default)s)")
     p.add_argument("--lora", default=None, metavar="DIR", help="LoRA adapter directory to apply on top")
     p.add_argument("--template", default=None,
                    help="chat template: a preset (chatml, llama3, llama2, ...), a .jinja file or a Jinja "
@@ -44,13 +45,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="one-shot mode: reply to this message, print only the reply to stdout, and exit")
     p.add_argument("--raw", action="store_true",
                    help="with --prompt: feed the prompt as-is (plain completion), without the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy decoding")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = no limit")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="most tokens per reply (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 = greedy decoding (default)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k most likely tokens; 0 = no limit (default)")
     p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling: smallest set of tokens with this much probability; 1 = no limit")
+                   help="nucleus sampling: the smallest set of tokens with this much probability; "
+                        "1 = no limit (default)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="divide logits of tokens already in the conversation by this (CTRL); 1 = off")
+                   help="divide logits of tokens already in the conversation by this (CTRL); 1 = off (default)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling; default: a fresh one")
     p.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at EOS / end-of-turn tokens: always generate --max-new-tokens")

@@ -34,26 +34,30 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(description="Evaluate a model (see the top of eval.py).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Evaluate a model (see the top of eval.py).")
     p.add_argument("--model", default="tiny",
-                   help="Hugging Face model directory, a LoRA adapter directory, or a preset name (tiny)")
+                   help="Hugging Face model directory, a LoRA adapter directory, or a preset name "
+                        "(default: %(default)s)")
     p.add_argument("--lora", default=None, metavar="DIR", help="LoRA adapter directory to apply on top")
     p.add_argument("--data", default=None,
                    help="evaluation data in any format train.py reads (or 'demo:test'); for --metric choice "
                         "a jsonl of {question, choices, answer}; default: demo:test (choice: required)")
     p.add_argument("--metric", default="nll", choices=METRICS,
                    help="nll: NLL per loss-bearing token and perplexity; accuracy: exact match of greedy "
-                        "replies; choice: multiple choice by log-likelihood")
+                        "replies; choice: multiple choice by log-likelihood (default: %(default)s)")
     p.add_argument("--template", default=None,
                    help="chat template for conversation data (preset name, .jinja file or Jinja string); "
                         "default: the model's own; use the one you trained with")
     p.add_argument("--train-on-prompt", action="store_true",
                    help="nll: score prompts / user turns too (match train.py's flag)")
     p.add_argument("--seq-len", type=int, default=256,
-                   help="nll: longer examples are truncated, as train.py --seq-len does (use the same value)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (accuracy: prompts of equal length decoded together)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="accuracy: most tokens per generated answer")
+                   help="nll: longer examples are truncated, as train.py --seq-len does; use the same value "
+                        "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="examples per forward pass; accuracy decodes prompts of equal length together "
+                        "(default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="accuracy: most tokens per generated answer (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples / questions")
     p.add_argument("--json", action="store_true", help="print one JSON line of results to stdout")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
