@@ -224,11 +224,12 @@ def test_accuracy_prompts_are_the_training_prefix(tiny):
             assert tok.decode(answer, skip_special_tokens=True) == t
 
 
-def test_eval_bad_data_is_one_line(model_dir, tmp_path):
+@pytest.mark.parametrize("case", ["malformed", "missing", "accuracy_on_text_only"])
+def test_eval_bad_data_is_one_line(model_dir, tmp_path, case):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    for args in (["--data", str(bad)], ["--data", str(tmp_path / "missing.json")],
-                 ["--data", _write(tmp_path / "t.json", {"type": "text_only", "instances": [{"text": "abc"}]}),
-                  "--metric", "accuracy"]):
-        r = _run("eval.py", "--model", model_dir, *args)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    args = {"malformed": ["--data", str(bad)], "missing": ["--data", str(tmp_path / "missing.json")],
+            "accuracy_on_text_only": ["--metric", "accuracy", "--data", _write(
+                tmp_path / "t.json", {"type": "text_only", "instances": [{"text": "abc"}]})]}[case]
+    r = _run("eval.py", "--model", model_dir, *args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
