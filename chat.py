@@ -22,18 +22,13 @@ import time
 
 import torch
 
-from nanolisa.errors import UserError, run_cli
+from nanolisa.errors import ArgumentParser, UserError, run_cli
 from nanolisa.generate import Decoder, Sampling, TextStream, load_for_inference, stop_ids_for
 from nanolisa.templates import render_chat, resolve_template
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (via run_cli), instead of argparse's usage dump
-        raise UserError(f"{message} (see --help)")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(description="Chat with a model in the terminal (see the top of chat.py).")
+    p = ArgumentParser(description="Chat with a model in the terminal (see the top of chat.py).")
     p.add_argument("--model", default="tiny",
                    help="Hugging Face model directory, LoRA adapter directory, or a preset name (default: %(default)s)")
     p.add_argument("--lora", default=None, metavar="DIR", help="LoRA adapter directory to apply on top")

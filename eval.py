@@ -21,20 +21,15 @@ import time
 
 import torch
 
-from nanolisa.errors import UserError, run_cli
+from nanolisa.errors import ArgumentParser, UserError, run_cli
 from nanolisa.evaluate import exact_match, nll, perplexity, read_choice_file, score_choices
 from nanolisa.generate import load_for_inference, stop_ids_for
 
 METRICS = ("nll", "accuracy", "choice")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (via run_cli), instead of argparse's usage dump
-        raise UserError(f"{message} (see --help)")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(description="Evaluate a model (see the top of eval.py).")
+    p = ArgumentParser(description="Evaluate a model (see the top of eval.py).")
     p.add_argument("--model", default="tiny",
                    help="Hugging Face model directory, a LoRA adapter directory, or a preset name "
                         "(default: %(default)s)")

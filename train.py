@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from nanolisa.errors import run_cli
+from nanolisa.errors import ArgumentParser, run_cli
 from nanolisa.trainer import TrainConfig, train
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model, data and output")
     g.add_argument("--model", default=d.model, help="Hugging Face model directory, or a built-in preset "
                    "(default: %(default)s, a 4.5M-parameter Llama that needs no download)")

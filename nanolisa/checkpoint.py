@@ -236,6 +236,9 @@ def save_pretrained(model: CausalLM, tokenizer, out_dir: str, dtype: str | torch
         cfg = model.config.to_hf(str(dtype).removeprefix("torch."))
         gen = getattr(model, "generation_config", None) or {
             k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+        stops = list(getattr(tokenizer, "stop_token_ids", None) or [])
+        if len(stops) > 1 and "eos_token_id" not in (getattr(model, "generation_config", None) or {}):
+            gen["eos_token_id"] = stops  # so generate() elsewhere also stops at end-of-turn (<|im_end|>, ...)
         _write_json(gen, os.path.join(tmp, "generation_config.json"))
         if tokenizer is not None:
             tokenizer.save(tmp)

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from nanolisa.adamw import AdamW
 from nanolisa.checkpoint import load_pretrained, save_pretrained
 from nanolisa.errors import UserError
+from nanolisa.evaluate import nll
 from nanolisa.lisa import LISA
 
 METHODS = ("lisa", "lora", "full")
@@ -139,18 +140,10 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, i
     return total, int((targets != -100).sum())
 
 
-@torch.no_grad()
-def evaluate_loss(model, batches, device, amp) -> float:
-    """Mean loss per loss-bearing token over one pass of `batches` (the held-out set)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches.epoch(0):
-        with amp:
-            logits = model(batch["input_ids"].to(device), position_ids=_maybe(batch["position_ids"], device))
-        s, n = lm_loss(logits, batch["labels"].to(device))
-        total, count = total + s.item(), count + n
-    model.train(was_training)
+def held_out_loss(model, examples, batch_size: int, amp) -> float:
+    """Mean loss per loss-bearing token over the held-out examples (the metric eval.py reports)."""
+    with amp:
+        total, count = nll(model, examples, batch_size)
     return total / max(count, 1)
 
 
@@ -321,10 +314,9 @@ def train(cfg: TrainConfig) -> dict:
     batches = Batches(train_data, cfg.batch_size, seed=cfg.seed, shuffle=True, pack=cfg.pack, pad_id=pad_id)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(batches) / cfg.grad_accum))
     eval_every = cfg.eval_every if cfg.eval_every >= 0 else max(1, total // 10)  # default: 10 evaluations
-    eval_batches = None
+    eval_examples = None
     if eval_path and eval_every:
-        eval_data = tokenize_dataset(read_dataset(eval_path), tokenizer, **tok_args)
-        eval_batches = Batches(eval_data, cfg.batch_size, shuffle=False, pack=cfg.pack, pad_id=pad_id)
+        eval_examples = tokenize_dataset(read_dataset(eval_path), tokenizer, **tok_args).examples
 
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, log_rows = 0, []
@@ -347,8 +339,8 @@ def train(cfg: TrainConfig) -> dict:
     trainable_params = lambda: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
     data_iter = iter(batches)
     last_ckpt = resume_from
-    if eval_batches is not None and start == 0:
-        log({"step": 0, "eval_loss": evaluate_loss(model, eval_batches, device, amp)})
+    if eval_examples is not None and start == 0:
+        log({"step": 0, "eval_loss": held_out_loss(model, eval_examples, cfg.batch_size, amp)})
     t_last, tokens_since = time.perf_counter(), 0
     for step in range(start, total):
         if lisa:
@@ -395,8 +387,8 @@ def train(cfg: TrainConfig) -> dict:
         log(row)
         progress.update(done, {"loss": f"{step_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:.0f}",
                                **({"active": lisa.active} if lisa else {})})
-        if eval_batches is not None and (done % eval_every == 0 or done == total):
-            eval_loss = evaluate_loss(model, eval_batches, device, amp)
+        if eval_examples is not None and (done % eval_every == 0 or done == total):
+            eval_loss = held_out_loss(model, eval_examples, cfg.batch_size, amp)
             log({"step": done, "eval_loss": eval_loss})
             progress.write(f"step {done}: eval_loss={eval_loss:.4f}")
         if cfg.save_every and done % cfg.save_every == 0 and done < total:

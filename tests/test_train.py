@@ -125,3 +125,19 @@ def test_schedule_warmup_then_cosine_to_min_lr():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] > 0.1
+
+
+def test_lora_run_writes_a_peft_adapter_and_a_merged_model(tmp_path):
+    from nanolisa.lora import load_adapter
+    out = tmp_path / "out"
+    train(TrainConfig(out=str(out), method="lora", steps=4, batch_size=4, seq_len=64, eval_every=2, merge=True,
+                      quiet=True))
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert (out / "loss.png").stat().st_size > 0
+    base, _ = nanolisa.load_pretrained("tiny")
+    adapted = load_adapter(base, str(out)).eval()
+    merged = nanolisa.load_model(str(out / "merged")).eval()
+    ids = torch.randint(0, merged.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert not torch.allclose(adapted(ids), nanolisa.load_pretrained("tiny")[0](ids), atol=1e-4)
+        assert torch.allclose(adapted(ids), merged(ids), atol=1e-5)
