@@ -83,9 +83,9 @@ def peer_base_rss(with_peft: bool) -> int:
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
-def run(cmd: list[str], log) -> dict:
+def run(cmd: list[str], log, env: dict | None = None) -> dict:
     t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if p.returncode != 0:
         sys.stderr.write(p.stderr)
         raise SystemExit(f"failed: {' '.join(cmd)}")
@@ -159,6 +159,11 @@ def main() -> None:
     ap.add_argument("--no-ckpt", action="store_true", help="skip the activation-checkpointing rows")
     ap.add_argument("--peer-script", default=PEER)
     ap.add_argument("--out", help="also write the markdown report here")
+    ap.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
+                    help="run every process with MALLOC_MMAP_THRESHOLD_=BYTES: glibc then serves each allocation "
+                         "above BYTES with its own mmap and returns it to the OS when freed, so RSS follows the "
+                         "live tensors instead of glibc's heap high-water mark")
+    ap.add_argument("--only", help="comma-separated run names to keep, e.g. nanolisa:full,nanolisa:lisa-g1")
     a = ap.parse_args()
 
     py = sys.executable
@@ -184,9 +189,17 @@ def main() -> None:
         jobs = [(k, [py, "bench/bench_train.py"] + m + args + steps(k)) for k, m in ours]
         jobs += [(k, [py, "bench/run_all.py", "--peer", a.peer_script] + m + args + steps(k)) for k, m in peers]
         print(f"shape {shape}:", file=sys.stderr, flush=True)
-        rows = {k: run(cmd, sys.stderr) for k, cmd in jobs}
+        if a.only:
+            jobs = [(k, cmd) for k, cmd in jobs if k in a.only.split(",")]
+        env = dict(os.environ)
+        if a.malloc_mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
+        rows = {k: run(cmd, sys.stderr, env) for k, cmd in jobs}
         commands = [" ".join(os.path.relpath(c, ROOT) if c == py else c for c in cmd) for _, cmd in jobs]
-        parts.append(report(shape, rows, peer_base, commands))
+        if a.malloc_mmap_threshold:
+            commands = [f"MALLOC_MMAP_THRESHOLD_={a.malloc_mmap_threshold} {c}" for c in commands]
+        parts.append(report(shape, rows, peer_base, commands) if not a.only else
+                     "\n".join(["```"] + commands + [json.dumps({"run": k, **r}) for k, r in rows.items()] + ["```"]))
     text = "\n".join(parts)
     print(text)
     if a.out:
