@@ -13,7 +13,7 @@ step 1, end of the run) also read time.process_time(), so its rows get tokens pe
 on a shared 2-core machine wall-clock speed depends on what else runs, CPU time much less so.
 
 Usage:
-  .venv/bin/python bench/run_all.py                  # shapes a and b (about 20-25 minutes on 2 cores)
+  .venv/bin/python bench/run_all.py                  # shapes a and b (~45 minutes on 2 busy cores, ~20 idle)
   .venv/bin/python bench/run_all.py --shape b        # only peer_stack.py's documented example
   .venv/bin/python bench/run_all.py --shape tiny     # a seconds-long smoke run of the whole pipeline
 """
