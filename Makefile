@@ -1,5 +1,6 @@
 # Two entry points, both work on a fresh machine:
-#   make demo   create .venv, install nanolisa, fine-tune the built-in tiny model on the demo data with LISA
+#   make demo   create .venv, install nanolisa, fine-tune the built-in tiny model on the demo data with LISA,
+#               then measure its held-out exact-match accuracy
 #   make test   create .venv, install nanolisa with the test oracles, run the test suite
 # torch==2.13.0 is installed first: it is a CPU wheel, and installing it before the package keeps pip
 # from pulling a multi-GB CUDA build. Set TORCH=torch (or another spec) to choose your own build.
@@ -20,6 +21,7 @@ venv: $(BIN)/python
 demo: venv
 	$(BIN)/pip install -q -e ".[plot]"
 	$(BIN)/python train.py
+	$(BIN)/python eval.py --model out --metric accuracy
 
 test: venv
 	$(BIN)/pip install -q -e ".[test,plot]"

@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model, data and output")
     g.add_argument("--model", default=d.model, help="Hugging Face model directory, or a built-in preset "
-                   "(default: %(default)s, a 4.5M-parameter Llama that needs no download)")
+                   "(default: %(default)s, a 0.8M-parameter Llama that needs no download)")
     g.add_argument("--data", default=d.data, help="training data: a file or directory in any supported format "
                    "(LMFlow JSON, Alpaca, ShareGPT, OpenAI messages jsonl, plain .txt), or 'demo' for the "
                    "bundled arithmetic/string demo set (default: %(default)s)")
@@ -65,17 +65,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     g.add_argument("--merge", action="store_true", help="LoRA: also write the merged full model to --out/merged")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps to run (default: one epoch, "
-                   "or --epochs)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps to run (default: one epoch, or "
+                   "--epochs; the tiny preset's recipe: 1000)")
     g.add_argument("--epochs", type=float, default=None, help="epochs to run when --steps is not given")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch per device "
-                   "(default: %(default)s)")
+                   "(default: 4; the tiny preset's recipe: 32)")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step "
                    "(default: %(default)s)")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: 5e-5, "
+                   "2e-4 for LoRA; the tiny preset starts from random weights and its recipe uses 3e-3)")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the decay "
                    "(default: %(default)s)")
-    g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps (default: %(default)s)")
+    g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps (default: 0; the "
+                   "tiny preset's recipe: 30)")
     g.add_argument("--schedule", default=d.schedule, help="cosine | linear | constant (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay, "
                    "not applied to biases and norms (default: %(default)s)")

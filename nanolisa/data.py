@@ -242,16 +242,17 @@ def _hash_files(paths: list[str]) -> str:
 
 
 def read_dataset(path: str) -> Dataset:
-    """Read and validate a dataset (file, directory of LMFlow *.json, "demo", "demo:test", or
-    "demo:text2text[:test]"). Raises UserError naming the file and instance on bad input."""
+    """Read and validate a dataset (file, directory of LMFlow *.json, "demo", "demo:test" (text2text), or
+    "demo:conversation[:test]"). Raises UserError naming the file and instance on bad input."""
     if path == "demo" or path.startswith("demo:"):
         from nanolisa import demo_data
         opts = path.split(":")[1:]
         bad = [o for o in opts if o not in ("train", "test", "conversation", "text2text")]
         if bad:
-            raise UserError(f"{path}: unknown demo option {bad[0]!r}; use demo, demo:test or demo:text2text[:test]")
+            raise UserError(f"{path}: unknown demo option {bad[0]!r}; use demo, demo:test or "
+                            f"demo:conversation[:test]")
         split = "test" if "test" in opts else "train"
-        fmt = "text2text" if "text2text" in opts else "conversation"
+        fmt = "conversation" if "conversation" in opts else "text2text"
         return Dataset(fmt, demo_data.demo_instances(split, fmt), f"demo:{fmt}:{split}",
                        f"demo-v{demo_data.DEMO_VERSION}-{fmt}-{split}")
     if not os.path.exists(path):

@@ -39,6 +39,7 @@ from nanolisa.checkpoint import load_pretrained, save_pretrained
 from nanolisa.errors import UserError
 from nanolisa.evaluate import nll
 from nanolisa.lisa import LISA
+from nanolisa.presets import RECIPES
 
 METHODS = ("lisa", "lora", "full")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -68,17 +69,17 @@ class TrainConfig:
     rslora: bool = False
     dora: bool = False
     merge: bool = False
-    steps: int | None = None
+    steps: int | None = None  # None: one epoch (or --epochs), or the preset's recipe
     epochs: float | None = None
-    batch_size: int = 16
+    batch_size: int | None = None  # None: 4, or the preset's recipe
     grad_accum: int = 1
     seq_len: int = 256
     pack: bool = False
     template: str | None = None
     train_on_prompt: bool = False
-    lr: float = 1e-3
+    lr: float | None = None  # None: 5e-5 (2e-4 for LoRA), or the preset's recipe
     min_lr: float = 0.0
-    warmup: int = 0
+    warmup: int | None = None  # None: 0, or the preset's recipe
     schedule: str = "cosine"
     weight_decay: float = 0.0
     clip: float = 1.0
@@ -92,6 +93,15 @@ class TrainConfig:
     plot: bool = True
     device: str | None = None
     quiet: bool = False
+
+    def with_defaults(self) -> "TrainConfig":
+        """Fill the settings left at None: a built-in preset's recipe (nanolisa/presets.py), otherwise the
+        usual values for fine-tuning a pretrained checkpoint."""
+        recipe = {} if os.path.isdir(self.model) else RECIPES.get(self.model, {})
+        usual = {"lr": 2e-4 if self.method == "lora" else 5e-5, "warmup": 0, "batch_size": 4,
+                 "steps": None if self.epochs else recipe.get("steps")}
+        filled = {k: recipe.get(k, v) for k, v in usual.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **filled)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -277,6 +287,7 @@ def train(cfg: TrainConfig) -> dict:
     """Run the whole fine-tune described by cfg; returns the final metrics."""
     from nanolisa.data import Batches, read_dataset, tokenize_dataset
 
+    cfg = cfg.with_defaults()
     cfg.validate()
     resume_from = check_out_dir(cfg)  # before anything is loaded or written
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -304,7 +315,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # Data.
     train_set = read_dataset(cfg.data)
-    eval_path = cfg.eval_data or ("demo:test" if cfg.data == "demo" else None)
+    eval_path = cfg.eval_data or (cfg.data + ":test" if cfg.data in ("demo", "demo:conversation") else None)
     tok_args = dict(seq_len=cfg.seq_len, template=cfg.template, train_on_prompt=cfg.train_on_prompt)
     train_data = tokenize_dataset(train_set, tokenizer, **tok_args)
     if train_data.num_truncated:

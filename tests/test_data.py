@@ -174,7 +174,7 @@ def test_tokenization_cache_hit_and_invalidation(tmp_path, tok, monkeypatch):
 # ---- batching --------------------------------------------------------------------------------------------
 def make_data(tok, n=23):
     inst = [{"input": f"{i}+{i}=", "output": str(2 * i) * (1 + i % 3)} for i in range(n)]
-    ds = read_dataset("demo:text2text")
+    ds = read_dataset("demo")
     ds.instances, ds.fingerprint = inst, ""
     return tokenize_dataset(ds, tok, 32, cache_dir=False)
 
@@ -257,9 +257,11 @@ def test_demo_splits_are_deterministic_disjoint_and_determined(tmp_path, tok):
     assert demo_data.demo_pairs("test") == test
     for p, a in train[:300]:  # the answer follows from the prompt
         op, arg = p[:-1].split("(")[0], p[p.find("(") + 1:-2] if "(" in p else None
-        expect = {"reverse": lambda s: s[::-1], "sort": lambda s: "".join(sorted(s)), "upper": str.upper}
+        expect = {"reverse": lambda s: s[::-1], "upper": str.upper, "first": lambda s: s[0],
+                  "last": lambda s: s[-1]}
         assert a == (expect[op](arg) if arg is not None else str(eval(p[:-1])))
-    ds = read_dataset("demo:test")
+    assert read_dataset("demo:test").type == "text2text"
+    ds = read_dataset("demo:conversation:test")
     assert ds.type == "conversation" and len(ds) == 200
     ids, labels = tokenize_dataset(ds, tok, 64, cache_dir=False).examples[0]
     assert targets(tok, ids, labels) == [test[0][1] + "<|im_end|>"]

@@ -83,7 +83,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--lisa-layers", "7"], "out of range: the model has 6 blocks"),
+    (["--lisa-layers", "5"], "out of range: the model has 4 blocks"),
     (["--lisa-layers", "-1"], "--lisa-layers must be >= 0"),
     (["--interval", "0"], "--interval must be >= 1"),
     (["--method", "sgd"], "unknown --method 'sgd'"),
