@@ -17,7 +17,7 @@ import argparse
 import json
 
 from nanolisa.errors import ArgumentParser, run_cli
-from nanolisa.trainer import TrainConfig, train
+from nanolisa.trainer import TrainConfig, return_freed_memory_to_os, train
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -109,7 +109,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main() -> None:
-    final = train(parse_args())
+    cfg = parse_args()
+    return_freed_memory_to_os()
+    final = train(cfg)
     print(json.dumps(final))
 
 
