@@ -136,7 +136,7 @@ def return_freed_memory_to_os() -> None:
     CUDA this does not matter (tensors live in torch's caching allocator); elsewhere it is a no-op."""
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3 = M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1024 * 1024)  # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 
