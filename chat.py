@@ -23,7 +23,7 @@ import time
 import torch
 
 from nanolisa.errors import ArgumentParser, UserError, run_cli
-from nanolisa.generate import Decoder, Sampling, TextStream, load_for_inference, stop_ids_for
+from nanolisa.generate import add_runtime_args, Decoder, Sampling, TextStream, load_for_inference, stop_ids_for
 from nanolisa.templates import render_chat, resolve_template
 
 
@@ -54,12 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling; default: a fresh one")
     p.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at EOS / end-of-turn tokens: always generate --max-new-tokens")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="weight dtype; default bf16 on a GPU that supports it, else fp32")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; default cuda if available")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch; default: torch's choice. On a busy machine --threads 1 can be "
-                        "much faster: decoding runs many small matmuls that wait on the slowest thread")
+    add_runtime_args(p)
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")

@@ -23,7 +23,7 @@ import torch
 
 from nanolisa.errors import ArgumentParser, UserError, run_cli
 from nanolisa.evaluate import exact_match, nll, perplexity, read_choice_file, score_choices
-from nanolisa.generate import load_for_inference, stop_ids_for
+from nanolisa.generate import add_runtime_args, load_for_inference, stop_ids_for
 
 METRICS = ("nll", "accuracy", "choice")
 
@@ -55,12 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="accuracy: most tokens per generated answer (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples / questions")
     p.add_argument("--json", action="store_true", help="print one JSON line of results to stdout")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="weight dtype; default bf16 on a GPU that supports it, else fp32")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; default cuda if available")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch; default: torch's choice. On a busy machine --threads 1 can be "
-                        "much faster: decoding runs many small matmuls that wait on the slowest thread")
+    add_runtime_args(p)
     args = p.parse_args(argv)
     for flag in ("seq_len", "batch_size", "max_new_tokens", "limit"):
         v = getattr(args, flag)

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanolisa.config import ModelConfig, read_config
-from nanolisa.errors import UserError
+from nanolisa.errors import UserError, read_json
 from nanolisa.model import CausalLM, build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -58,10 +58,9 @@ def _hf_tensors(model_dir: str) -> Iterator[tuple[str, Any]]:
     binfile = os.path.join(model_dir, "pytorch_model.bin")
     if os.path.isfile(index):
         try:
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+            files = sorted(set(read_json(index)["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError):
+            raise UserError(f"{index}: not a safetensors index (no weight_map)") from None
     elif os.path.isfile(single):
         files = ["model.safetensors"]
     elif os.path.isfile(binfile):
@@ -142,7 +141,7 @@ def load_model(path: str, dtype: str | torch.dtype | None = None,
     model.tie_weights()
     model.config.dtype = str(dtype).removeprefix("torch.")
     gen = os.path.join(path, "generation_config.json")
-    model.generation_config = json.load(open(gen)) if os.path.isfile(gen) else None
+    model.generation_config = read_json(gen) if os.path.isfile(gen) else None
     return model
 
 

@@ -8,12 +8,11 @@ writes back a config.json that transformers, vLLM and llama.cpp's converter read
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanolisa.errors import UserError
+from nanolisa.errors import UserError, read_json
 
 # model_type -> the class name transformers (and vLLM, llama.cpp) look for in "architectures".
 ARCHITECTURES = {
@@ -104,11 +103,7 @@ def read_config(model_dir: str) -> ModelConfig:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"{model_dir}: no config.json (is this a Hugging Face model directory?)")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    d = read_json(path)
     try:
         return ModelConfig.from_hf(d)
     except KeyError as e:

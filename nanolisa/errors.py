@@ -8,8 +8,9 @@ itself still raise ordinary exceptions with a full traceback, so they get report
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 
 class UserError(Exception):
@@ -18,6 +19,16 @@ class UserError(Exception):
 
 def fail(message: str) -> NoReturn:
     raise UserError(message)
+
+
+def read_json(path: str) -> Any:
+    """A JSON file that came from the user (a config, an adapter, a tokenizer file): unreadable or invalid
+    JSON is a UserError that names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not readable as JSON ({e})") from None
 
 
 def run_cli(main: Callable[[], None]) -> None:

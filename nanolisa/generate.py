@@ -219,6 +219,16 @@ def greedy_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_token
     return out
 
 
+def add_runtime_args(p) -> None:
+    """--dtype, --device and --threads, shared by chat.py and eval.py."""
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="weight dtype; default bf16 on a GPU that supports it, else fp32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; default cuda if available")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch; default: torch's choice. On a busy machine --threads 1 can be "
+                        "much faster: decoding runs many small matmuls that wait on the slowest thread")
+
+
 def pick_device(device: str | None) -> torch.device:
     """--device: a torch device string; by default cuda if available, else cpu."""
     if device is None:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nanolisa.errors import UserError
+from nanolisa.errors import UserError, read_json
 
 Tensor = torch.Tensor
 
@@ -400,11 +400,7 @@ def read_adapter_config(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.isfile(path):
         raise UserError(f"{adapter_dir}: no {ADAPTER_CONFIG} (is this a LoRA adapter directory?)")
-    try:
-        with open(path) as f:
-            c = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    c = read_json(path)
     if c.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path}: peft_type {c.get('peft_type')!r} is not supported, only LORA")
     unsupported = {"bias": c.get("bias", "none") != "none", "lora_bias": c.get("lora_bias"),

@@ -33,7 +33,7 @@ from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE, Unigram
 
-from nanolisa.errors import UserError
+from nanolisa.errors import UserError, read_json
 
 TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
 
@@ -57,11 +57,7 @@ def _token_str(tok: Any) -> str | None:
 def _read_json(path: str) -> dict:
     if not os.path.exists(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read tokenizer file ({e})") from None
+    data = read_json(path)
     return data if isinstance(data, dict) else {}
 
 
