@@ -95,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out loss every N steps, 0 = "
                    "never, -1 = ten times per run (default: %(default)s)")
     g.add_argument("--save-every", type=int, default=d.save_every, help="write a resumable checkpoint every "
-                   "N steps, 0 = never (default: %(default)s)")
+                   "N steps, 0 = never, -1 = ten times per run; a finished run removes its checkpoints "
+                   "(default: %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out")
     g.add_argument("--log", default=None, help="metrics jsonl path (default: --out/metrics.jsonl)")
     g.add_argument("--no-plot", action="store_true", help="do not draw --out/loss.png")

@@ -87,7 +87,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     seed: int = 0
     eval_every: int = -1  # -1: ten evaluations over the run
-    save_every: int = 0
+    save_every: int = -1  # -1: ten checkpoints over the run
     resume: bool = False
     log: str | None = None
     plot: bool = True
@@ -197,7 +197,10 @@ def save_checkpoint(out: str, step: int, model, optimizer, lisa, batches, cfg: T
     save_file(trainable, os.path.join(tmp, "weights.safetensors"))
     opt = {f"{names[p]}::{k}": v.detach().clone() for p, s in optimizer.state.items() for k, v in s.items()}
     save_file(opt, os.path.join(tmp, "optimizer.safetensors"))
-    save_file({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # LoRA dropout on a GPU draws from the CUDA generator
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, os.path.join(tmp, "rng.safetensors"))
     state = {"step": step, "config": dataclasses.asdict(cfg), "data": batches.state_dict(),
              "lisa": lisa.state_dict() if lisa else None, "python_rng": _jsonable(random.getstate()), **extra}
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -232,7 +235,10 @@ def load_checkpoint(path: str, model, optimizer, lisa, batches) -> dict:
         n, k = key.split("::")
         optimizer.state[params[n]][k] = t.to(params[n].device) if k != "step" else t
     batches.load_state_dict(state["data"])
-    torch.set_rng_state(load_file(os.path.join(path, "rng.safetensors"))["torch"])
+    rng = load_file(os.path.join(path, "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     random.setstate(_tuplify(state["python_rng"]))
     return state
 
@@ -339,12 +345,13 @@ def train(cfg: TrainConfig) -> dict:
     batches = Batches(train_data, cfg.batch_size, seed=cfg.seed, shuffle=True, pack=cfg.pack, pad_id=pad_id)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(batches) / cfg.grad_accum))
     eval_every = cfg.eval_every if cfg.eval_every >= 0 else max(1, total // 10)  # default: 10 evaluations
+    save_every = cfg.save_every if cfg.save_every >= 0 else max(1, total // 10)  # default: 10 checkpoints
     eval_examples = None
     if eval_path and eval_every:
         eval_examples = tokenize_dataset(read_dataset(eval_path), tokenizer, **tok_args).examples
 
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, log_rows = 0, []
+    start = 0
     if resume_from:
         state = load_checkpoint(resume_from, model, optimizer, lisa, batches)
         start = state["step"]
@@ -416,7 +423,7 @@ def train(cfg: TrainConfig) -> dict:
             eval_loss = held_out_loss(model, eval_examples, cfg.batch_size, amp)
             log({"step": done, "eval_loss": eval_loss})
             progress.write(f"step {done}: eval_loss={eval_loss:.4f}")
-        if cfg.save_every and done % cfg.save_every == 0 and done < total:
+        if save_every and done % save_every == 0 and done < total:
             last_ckpt = save_checkpoint(cfg.out, done, model, optimizer, lisa, batches, cfg, {})
     progress.close()
     log_file.close()
@@ -429,6 +436,8 @@ def train(cfg: TrainConfig) -> dict:
             save_pretrained(merge_lora(model), tokenizer, os.path.join(cfg.out, "merged"))
     else:
         save_pretrained(model, tokenizer, cfg.out)
+    # The run is complete and its result saved: its resume checkpoints have done their job.
+    shutil.rmtree(os.path.join(cfg.out, "checkpoints"), ignore_errors=True)
     if cfg.plot:
         from nanolisa.plot import plot_run
         plot_run(log_rows, lisa.history if lisa else [], len(model.blocks), total,

@@ -74,6 +74,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     proc.wait()
     assert not (out / "model.safetensors").exists()
     run_train(*args, "--out", str(out), "--resume")
+    assert not (out / "checkpoints").exists()  # a finished run removes its resume checkpoints
 
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys()
@@ -100,12 +101,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
 
 def test_out_with_another_runs_checkpoint_is_refused(tmp_path):
     out = tmp_path / "out"
-    run_train("--steps", "4", "--save-every", "2", "--eval-every", "0", *QUICK, "--out", str(out))
+    # An unfinished run (stopped by a NaN loss at step 2) leaves its step-1 checkpoint behind.
+    run_train("--steps", "4", "--lr", "1e30", "--clip", "0", "--save-every", "1", "--eval-every", "0", *QUICK,
+              "--out", str(out), check=False)
+    assert (out / "checkpoints" / "step-0000001").is_dir()
     before = sorted(os.listdir(out))
     p = run_train("--steps", "4", *QUICK, "--out", str(out), check=False)
     assert p.returncode == 2 and "pass --resume" in p.stderr
-    p = run_train("--steps", "4", "--lr", "0.5", "--eval-every", "0", *QUICK, "--out", str(out), "--resume",
-                  check=False)
+    p = run_train("--steps", "4", "--lr", "0.5", "--clip", "0", "--eval-every", "0", *QUICK, "--out", str(out),
+                  "--resume", check=False)
     assert p.returncode == 2 and "different settings (lr" in p.stderr
     assert sorted(os.listdir(out)) == before
 
