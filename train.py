@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps to run (default: one epoch, or "
-                   "--epochs; the tiny preset's recipe: 1000)")
+                   "--epochs; the tiny preset's recipe: 3000)")
     g.add_argument("--epochs", type=float, default=None, help="epochs to run when --steps is not given")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch per device "
                    "(default: 4; the tiny preset's recipe: 32)")

@@ -26,7 +26,7 @@ PRESETS: dict[str, dict] = {
 # The training settings train.py uses for a preset when their flags are not given. A preset starts from
 # random weights, so it wants a far higher learning rate than fine-tuning a pretrained checkpoint does.
 RECIPES: dict[str, dict] = {
-    "tiny": dict(lr=3e-3, warmup=30, steps=1000, batch_size=32),
+    "tiny": dict(lr=3e-3, warmup=30, steps=3000, batch_size=32),
 }
 
 
