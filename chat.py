@@ -23,7 +23,7 @@ import time
 import torch
 
 from nanolisa.errors import ArgumentParser, UserError, run_cli
-from nanolisa.generate import add_runtime_args, Decoder, Sampling, TextStream, load_for_inference, stop_ids_for
+from nanolisa.generate import add_runtime_args, set_threads, Decoder, Sampling, TextStream, load_for_inference, stop_ids_for
 from nanolisa.templates import render_chat, resolve_template
 
 
@@ -147,10 +147,7 @@ def interactive(chat: Chat) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads {args.threads}: must be >= 1")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model, tokenizer = load_for_inference(args.model, args.lora, args.dtype, args.device)
     chat = Chat(model, tokenizer, args)
     if args.prompt is not None:

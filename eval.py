@@ -19,11 +19,10 @@ import json
 import sys
 import time
 
-import torch
 
 from nanolisa.errors import ArgumentParser, UserError, run_cli
 from nanolisa.evaluate import exact_match, nll, perplexity, read_choice_file, score_choices
-from nanolisa.generate import add_runtime_args, load_for_inference, stop_ids_for
+from nanolisa.generate import add_runtime_args, set_threads, load_for_inference, stop_ids_for
 
 METRICS = ("nll", "accuracy", "choice")
 
@@ -129,10 +128,7 @@ def eval_choice(model, tokenizer, args) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads {args.threads}: must be >= 1")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model, tokenizer = load_for_inference(args.model, args.lora, args.dtype, args.device)
     t0 = time.perf_counter()
     result = {"nll": eval_nll, "accuracy": eval_accuracy, "choice": eval_choice}[args.metric](model, tokenizer, args)

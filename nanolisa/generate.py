@@ -229,6 +229,14 @@ def add_runtime_args(p) -> None:
                         "much faster: decoding runs many small matmuls that wait on the slowest thread")
 
 
+def set_threads(threads: int | None) -> None:
+    """Apply --threads (None: leave torch's choice)."""
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads {threads}: must be >= 1")
+        torch.set_num_threads(threads)
+
+
 def pick_device(device: str | None) -> torch.device:
     """--device: a torch device string; by default cuda if available, else cpu."""
     if device is None:
