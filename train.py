@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    "N steps, 0 = never, -1 = ten times per run; a finished run removes its checkpoints "
                    "(default: %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out")
-    g.add_argument("--log", default=None, help="metrics jsonl path (default: --out/metrics.jsonl)")
+    g.add_argument("--log", default=None, help="metrics jsonl path (default: "
+                   "--out/checkpoints/metrics.jsonl while the run lasts, --out/metrics.jsonl once it finishes)")
     g.add_argument("--no-plot", action="store_true", help="do not draw --out/loss.png")
     g.add_argument("--quiet", action="store_true", help="no progress output")
     a = p.parse_args(argv)

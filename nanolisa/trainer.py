@@ -355,9 +355,11 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from:
         state = load_checkpoint(resume_from, model, optimizer, lisa, batches)
         start = state["step"]
-    log_path = cfg.log or os.path.join(cfg.out, "metrics.jsonl")
+    # While the run lasts its metrics live beside its checkpoints, so a run that fails leaves an earlier
+    # run's files in --out untouched; the finished run moves them to --out/metrics.jsonl.
+    log_path = cfg.log or os.path.join(cfg.out, "checkpoints", "metrics.jsonl")
     log_rows = _read_log(log_path, upto=start) if resume_from else []
-    os.makedirs(cfg.out, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     log_file = open(log_path, "w")
     for row in log_rows:
         log_file.write(json.dumps(row) + "\n")
@@ -437,6 +439,8 @@ def train(cfg: TrainConfig) -> dict:
     else:
         save_pretrained(model, tokenizer, cfg.out)
     # The run is complete and its result saved: its resume checkpoints have done their job.
+    if not cfg.log:
+        os.replace(log_path, os.path.join(cfg.out, "metrics.jsonl"))
     shutil.rmtree(os.path.join(cfg.out, "checkpoints"), ignore_errors=True)
     if cfg.plot:
         from nanolisa.plot import plot_run

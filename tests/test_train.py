@@ -145,3 +145,14 @@ def test_lora_run_writes_a_peft_adapter_and_a_merged_model(tmp_path):
     with torch.no_grad():
         assert not torch.allclose(adapted(ids), nanolisa.load_pretrained("tiny")[0](ids), atol=1e-4)
         assert torch.allclose(adapted(ids), merged(ids), atol=1e-5)
+
+
+def test_a_failing_run_leaves_the_earlier_result_in_out_untouched(tmp_path):
+    out = tmp_path / "out"
+    run_train("--steps", "3", "--eval-every", "0", *QUICK, "--out", str(out))
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    assert "metrics.jsonl" in before and "model.safetensors" in before
+    p = run_train("--steps", "6", "--lr", "1e30", "--clip", "0", "--save-every", "1", "--eval-every", "0", *QUICK,
+                  "--out", str(out), check=False)
+    assert p.returncode == 2 and "loss became" in p.stderr
+    assert {f: (out / f).read_bytes() for f in os.listdir(out) if f != "checkpoints"} == before
