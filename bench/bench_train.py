@@ -120,6 +120,8 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=1, help="LISA: optimizer steps between layer switches")
     ap.add_argument("--lisa-layers", type=int, default=1, help="LISA: blocks trained at a time (gamma)")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--freeze-embeddings", action="store_true",
+                    help="LISA: do not train the embedding, so backward stops at the lowest active block")
     ap.add_argument("--grad-checkpointing", action="store_true",
                     help="recompute each block's activations in backward (not in peer_stack.py; off by default)")
     a = ap.parse_args()
@@ -140,7 +142,8 @@ def main() -> None:
 
     lisa = None
     if a.mode == "lisa":
-        lisa = LISA(model, n_layers=a.lisa_layers, interval=a.interval, seed=0)
+        lisa = LISA(model, n_layers=a.lisa_layers, interval=a.interval, seed=0,
+                    train_embeddings=not a.freeze_embeddings)
     elif a.mode == "lora":
         from nanolisa.lora import apply_lora, mark_only_lora_trainable
         apply_lora(model, r=8, alpha=16, targets="all-linear")
@@ -181,7 +184,7 @@ def main() -> None:
     peak = peaks.process
     tokens = a.batch * a.seq * (a.steps - 1)
 
-    out = {"mode": a.mode + (f"-g{a.lisa_layers}" if lisa else "") + ("+ckpt" if a.grad_checkpointing else ""),
+    out = {"mode": a.mode + (f"-g{a.lisa_layers}" if lisa else "") + ("+ckpt" if a.grad_checkpointing else "") + ("+frozen-emb" if a.freeze_embeddings else ""),
            "peak_rss_mb": round(peak),
            "base_rss_mb": round(base),
            "tokens_per_s": round(tokens / dt, 1),
