@@ -156,3 +156,13 @@ def test_a_failing_run_leaves_the_earlier_result_in_out_untouched(tmp_path):
                   "--out", str(out), check=False)
     assert p.returncode == 2 and "loss became" in p.stderr
     assert {f: (out / f).read_bytes() for f in os.listdir(out) if f != "checkpoints"} == before
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_keeps_fp32_master_weights(tmp_path, dtype):
+    out = tmp_path / "out"
+    final = train(TrainConfig(out=str(out), steps=3, batch_size=4, seq_len=64, eval_every=3, dtype=dtype,
+                              plot=False, quiet=True))
+    assert final["eval_loss"] < final["first_eval_loss"] + 1.0  # finite and sane under autocast
+    model = nanolisa.load_model(str(out))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
