@@ -188,7 +188,7 @@ def _checkpoint_dirs(out: str) -> list[str]:
     return [os.path.join(root, n) for n in names]
 
 
-def save_checkpoint(out: str, step: int, model, optimizer, lisa, batches, cfg: TrainConfig, extra: dict) -> str:
+def save_checkpoint(out: str, step: int, model, optimizer, lisa, batches, cfg: TrainConfig) -> str:
     root = os.path.join(out, "checkpoints")
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-step-", dir=root)
@@ -202,7 +202,7 @@ def save_checkpoint(out: str, step: int, model, optimizer, lisa, batches, cfg: T
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, os.path.join(tmp, "rng.safetensors"))
     state = {"step": step, "config": dataclasses.asdict(cfg), "data": batches.state_dict(),
-             "lisa": lisa.state_dict() if lisa else None, "python_rng": _jsonable(random.getstate()), **extra}
+             "lisa": lisa.state_dict() if lisa else None, "python_rng": _jsonable(random.getstate())}
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump(state, f)
     final = os.path.join(root, f"step-{step:07d}")
@@ -370,7 +370,6 @@ def train(cfg: TrainConfig) -> dict:
         log_file.flush()
 
     progress = Progress(total, start, cfg.quiet)
-    trainable_params = lambda: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
     data_iter = iter(batches)
     last_ckpt = resume_from
     if eval_examples is not None and start == 0:
@@ -401,7 +400,7 @@ def train(cfg: TrainConfig) -> dict:
                             f"Try a lower --lr or --dtype fp32/bf16")
         if scaler:
             scaler.unscale_(optimizer)
-        params = trainable_params()
+        params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip)) if cfg.clip > 0 else float("nan")
         if scaler:
             scaler.step(optimizer)
@@ -426,7 +425,7 @@ def train(cfg: TrainConfig) -> dict:
             log({"step": done, "eval_loss": eval_loss})
             progress.write(f"step {done}: eval_loss={eval_loss:.4f}")
         if save_every and done % save_every == 0 and done < total:
-            last_ckpt = save_checkpoint(cfg.out, done, model, optimizer, lisa, batches, cfg, {})
+            last_ckpt = save_checkpoint(cfg.out, done, model, optimizer, lisa, batches, cfg)
     progress.close()
     log_file.close()
 
@@ -446,7 +445,7 @@ def train(cfg: TrainConfig) -> dict:
         from nanolisa.plot import plot_run
         plot_run(log_rows, lisa.history if lisa else [], len(model.blocks), total,
                  os.path.join(cfg.out, "loss.png"))
-    final = {k: v for k, v in log_rows[-1].items()} if log_rows else {}
+    final = dict(log_rows[-1]) if log_rows else {}
     evals = [r["eval_loss"] for r in log_rows if "eval_loss" in r]
     if evals:
         final["first_eval_loss"], final["eval_loss"] = evals[0], evals[-1]
