@@ -9,6 +9,7 @@ from nanolisa import demo_data
 from nanolisa.data import Batches, read_dataset, tokenize_dataset
 from nanolisa.errors import UserError
 from nanolisa.tokenizer import load_tokenizer
+from tests.test_templates import labelled_runs
 
 CONV = {"system": "Be brief.", "messages": [
     {"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"},
@@ -28,15 +29,7 @@ def write(tmp_path, name, obj):
 
 def targets(tok, ids, labels):
     """Decoded runs of labelled tokens (checks each label equals its input id)."""
-    runs, cur = [], []
-    for i, l in zip(ids, labels):
-        if l != -100:
-            assert l == i
-            cur.append(i)
-        elif cur:
-            runs.append(tok.decode(cur))
-            cur = []
-    return runs + ([tok.decode(cur)] if cur else [])
+    return [tok.decode(run) for run in labelled_runs(ids, labels)]
 
 
 # ---- formats ---------------------------------------------------------------------------------------------

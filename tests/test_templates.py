@@ -40,6 +40,7 @@ MARKERS = ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|end|>", 
 
 
 def labelled_runs(ids, labels):
+    """Runs of consecutive labelled token ids (checks each label equals its input id)."""
     runs, cur = [], []
     for i, l in zip(ids, labels):
         if l != -100:
