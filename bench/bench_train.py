@@ -3,7 +3,7 @@
 
 Same flags, same measurements, same one-line JSON output, so a nanolisa row and a peers' row compare 1:1.
 A random Llama-shaped nanolisa model (no download), nanolisa's AdamW over ALL parameters (trainer.param_groups),
-the loss from trainer.lm_loss on random token ids, one mode per process (peak RSS is per process):
+the loss from nanolisa.loss.next_token_nll on random token ids, one mode per process (peak RSS is per process):
   full   all parameters trained
   lora   nanolisa.lora r=8, alpha 16, on all linear layers (as peer_stack.py's peft row)
   lisa   nanolisa.lisa.LISA: embedding + head always trained, --lisa-layers blocks re-sampled every
@@ -34,7 +34,8 @@ from nanolisa.adamw import AdamW  # noqa: E402
 from nanolisa.config import ModelConfig  # noqa: E402
 from nanolisa.lisa import LISA  # noqa: E402
 from nanolisa.model import build_model  # noqa: E402
-from nanolisa.trainer import lm_loss, param_groups  # noqa: E402
+from nanolisa.loss import next_token_nll  # noqa: E402
+from nanolisa.trainer import param_groups  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -100,7 +101,7 @@ def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, n = lm_loss(model(ids), ids)
+        loss = next_token_nll(model, ids, ids).sum()
     del loss
     return sum(seen.values())
 
@@ -165,8 +166,8 @@ def main() -> None:
         if step == 1:
             t0, c0 = time.perf_counter(), time.process_time()
         ids = torch.randint(0, a.vocab, (a.batch, a.seq))  # (B, T)
-        loss_sum, n = lm_loss(model(ids), ids)
-        (loss_sum / n).backward()
+        loss_sum = next_token_nll(model, ids, ids).sum()
+        (loss_sum / (ids.numel() - ids.size(0))).backward()
         with_grad = [p for p in model.parameters() if p.grad is not None]
         max_trainable = max(max_trainable, nbytes(with_grad))
         max_trainable_n = max(max_trainable_n, sum(p.numel() for p in with_grad))

@@ -21,7 +21,7 @@ Formats (auto-detected; `--data` is a file, a directory, or "demo" / "demo:test"
 Bad input fails before training with one line naming the file, the instance and the problem (UserError).
 Examples longer than `seq_len` are truncated and counted, not fatal.
 
-Labels are aligned with input_ids (-100 = no loss); the loss shifts them by one (Hugging Face convention).
+Labels are aligned with input_ids (IGNORE_INDEX = no loss); the loss shifts them by one (nanolisa/loss.py).
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from nanolisa.errors import UserError
-from nanolisa.templates import IGNORE_INDEX, assistant_spans, labels_from_spans, resolve_template
+from nanolisa.loss import IGNORE_INDEX
+from nanolisa.templates import assistant_spans, labels_from_spans, resolve_template
 
 TYPES = ("text_only", "text2text", "conversation")
 CACHE_VERSION = 1
@@ -288,11 +289,11 @@ def read_dataset(path: str) -> Dataset:
 # ---- tokenization ----------------------------------------------------------------------------------------
 @dataclass
 class TokenizedData:
-    examples: list[tuple[list[int], list[int]]]  # (input_ids, labels), labels -100 where no loss
+    examples: list[tuple[list[int], list[int]]]  # (input_ids, labels), labels IGNORE_INDEX where no loss
     seq_len: int
     num_truncated: int = 0         # examples cut to seq_len
     num_dropped: int = 0           # examples left with no loss-bearing token (e.g. prompt alone > seq_len)
-    num_tokens_with_loss: int = 0  # label tokens the loss sees (labels[1:] != -100, as the shifted loss)
+    num_tokens_with_loss: int = 0  # label tokens the loss sees (labels[1:] != IGNORE_INDEX, as the shifted loss)
     source: str = ""
 
     def __len__(self) -> int:
@@ -407,7 +408,7 @@ class Batches:
     * Data-parallel sharding: the epoch's order (or, when packing, its packed rows) is cut to a multiple of
       world_size and rank r takes items r, r+W, r+2W, ...: ranks see disjoint examples and the same number
       of batches (at most W-1 items per epoch are skipped, different ones each epoch).
-    * Without packing a batch is as long as its longest example; padding gets label -100, position_ids None.
+    * Without packing a batch is as long as its longest example; padding gets label IGNORE_INDEX, position_ids None.
     * With packing, examples are laid end to end into rows of exactly seq_len tokens (an example never
       straddles two rows); position_ids restart at 0 at each example so the model keeps documents apart.
     * `iter(batches)` runs forever, epoch after epoch, from the saved position; `epoch(e)` is one pass.

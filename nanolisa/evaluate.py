@@ -1,14 +1,14 @@
 """Evaluation: loss-bearing NLL and perplexity, exact-match accuracy, multiple-choice scoring.
 
-NLL. A causal LM's logits at position t predict token t+1, so the loss pairs logits[:, :-1] with
-labels[:, 1:]; a label of -100 (prompt tokens, padding) carries no loss. `nll` sums the cross-entropy over
+NLL. A causal LM's logits at position t predict token t+1 (nanolisa/loss.py, the one loss of training and
+evaluation); a label of IGNORE_INDEX (prompt tokens, padding) carries no loss. `nll` sums the cross-entropy over
 exactly the tokens training takes loss on and counts them: the mean (total / count) is what transformers
 reports as `.loss` and what LMFlow's benchmark calls the NLL per token; perplexity is exp of that mean.
 The trainer uses the same function for its held-out loss.
 
 Batching. The model has no padding mask, so examples are right-padded: with causal attention a real token
 only ever attends to positions before it, never to the padding after it, so padding cannot change a real
-token's logits, and its labels are -100. Examples are sorted by length first so a batch wastes little.
+token's logits, and its labels are IGNORE_INDEX. Examples are sorted by length first so a batch wastes little.
 
 Accuracy. Greedy generation from each prompt, compared with the target after stripping whitespace; prompts
 of equal length are decoded as one batch (no padding, so no mask needed).
@@ -26,13 +26,12 @@ import sys
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanolisa.errors import UserError
 from nanolisa.generate import greedy_batch
+from nanolisa.loss import IGNORE_INDEX, next_token_nll, shift_labels
 
-IGNORE = -100  # label of a token that carries no loss (PyTorch's and transformers' convention)
 Example = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels)
 
 
@@ -56,17 +55,14 @@ def example_nlls(model: torch.nn.Module, examples: Sequence[Example], batch_size
         idx = order[start:start + batch_size]
         T = max(len(examples[i][0]) for i in idx)
         ids = torch.zeros(len(idx), T, dtype=torch.long)  # pad id 0: any valid id, its logits are never used
-        labels = torch.full((len(idx), T), IGNORE, dtype=torch.long)
+        labels = torch.full((len(idx), T), IGNORE_INDEX, dtype=torch.long)
         for row, i in enumerate(idx):
             x, y = examples[i]
             ids[row, :len(x)] = torch.as_tensor(x, dtype=torch.long)
             labels[row, :len(y)] = torch.as_tensor(y, dtype=torch.long)
         ids, labels = ids.to(device), labels.to(device)
-        logits = model(ids)[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-        target = labels[:, 1:]  # (B, T-1)
-        loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")  # (B, T-1)
-        sums = loss.double().sum(dim=1).tolist()
-        counts = (target != IGNORE).sum(dim=1).tolist()
+        sums = next_token_nll(model, ids, labels).tolist()  # (B,)
+        counts = (shift_labels(labels) != IGNORE_INDEX).sum(dim=1).tolist()
         for row, i in enumerate(idx):
             out[i] = (sums[row], int(counts[row]))
         bar.update(len(idx))
@@ -170,7 +166,7 @@ def continuation_example(tokenizer, context: str, continuation: str) -> Example:
     whole = bos + tokenizer.encode(context + continuation, add_special_tokens=False)
     if whole[:len(ctx)] != ctx or len(whole) == len(ctx):
         whole = ctx + tokenizer.encode(continuation, add_special_tokens=False)
-    return whole, [IGNORE] * len(ctx) + whole[len(ctx):]
+    return whole, [IGNORE_INDEX] * len(ctx) + whole[len(ctx):]
 
 
 def score_choices(model: torch.nn.Module, tokenizer, items: Sequence[dict], batch_size: int = 8,

@@ -47,9 +47,9 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from nanolisa.errors import UserError
+from nanolisa.loss import IGNORE_INDEX
 from nanolisa.tokenizer import END_OF_TURN_TOKENS
 
-IGNORE_INDEX = -100  # label of tokens that carry no loss (torch.nn.functional.cross_entropy's ignore_index)
 
 # ---- presets: each family's official template ---------------------------------------------------------
 # Written as in the models' own tokenizer_config.json files (where a family's template cannot hold a system
@@ -285,7 +285,7 @@ def assistant_spans(messages: list[dict], tokenizer, template: str | None = None
 
 
 def labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """Label every token whose characters overlap an assistant span; -100 elsewhere.
+    """Label every token whose characters overlap an assistant span; IGNORE_INDEX elsewhere.
 
     Token offsets are sorted, so the tokens overlapping span (s, e) are one contiguous run: from the first
     token ending after s to the last token starting before e. Two binary searches per span, then a slice
@@ -301,7 +301,7 @@ def labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: lis
 def tokenize_chat(messages: list[dict], tokenizer, template: str | None = None, train_on_prompt: bool = False,
                   tools: list | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one conversation. labels = input_ids on assistant replies (with their
-    end-of-turn token), -100 on everything else; with train_on_prompt, labels = input_ids everywhere.
+    end-of-turn token), IGNORE_INDEX on everything else; with train_on_prompt, labels = input_ids everywhere.
     The rendered string is encoded without adding special tokens, as apply_chat_template does: templates
     that want a BOS write `bos_token` themselves."""
     text, spans = assistant_spans(messages, tokenizer, template, tools)

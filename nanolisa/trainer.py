@@ -31,7 +31,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from nanolisa.adamw import AdamW
@@ -39,6 +38,7 @@ from nanolisa.checkpoint import load_pretrained, save_pretrained
 from nanolisa.errors import UserError
 from nanolisa.evaluate import nll
 from nanolisa.lisa import LISA
+from nanolisa.loss import count_loss_tokens, next_token_nll
 from nanolisa.presets import RECIPES
 
 METHODS = ("lisa", "lora", "full")
@@ -150,18 +150,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * decay
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the loss-bearing tokens, and their count.
-
-    logits (B, T, V) at position t predict the token at t+1, so they are shifted against the labels;
-    label -100 marks a token that takes no loss (prompt, padding)."""
-    logits = logits[:, :-1].float()  # (B, T-1, V)
-    targets = labels[:, 1:]  # (B, T-1)
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                            reduction="sum")
-    return total, int((targets != -100).sum())
 
 
 def held_out_loss(model, examples, batch_size: int, amp) -> float:
@@ -383,12 +371,12 @@ def train(cfg: TrainConfig) -> dict:
             g["lr"] = lr
 
         micro = [next(data_iter) for _ in range(cfg.grad_accum)]
-        n_loss_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        n_loss_tokens = sum(count_loss_tokens(b["labels"]) for b in micro)
         step_loss = 0.0
         for b in micro:
             with amp:
-                logits = model(b["input_ids"].to(device), position_ids=_maybe(b["position_ids"], device))
-            loss_sum, _ = lm_loss(logits, b["labels"].to(device))
+                loss_sum = next_token_nll(model, b["input_ids"].to(device), b["labels"].to(device),
+                                          _maybe(b["position_ids"], device)).sum()
             loss = loss_sum / max(n_loss_tokens, 1)
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.item()

@@ -8,9 +8,10 @@ import transformers
 
 from nanolisa.checkpoint import load_model
 from nanolisa.errors import UserError
-from nanolisa.evaluate import (IGNORE, continuation_example, example_nlls, exact_match, nll, perplexity,
+from nanolisa.evaluate import (continuation_example, example_nlls, exact_match, nll, perplexity,
                                read_choice_file, score_choices)
 from nanolisa.generate import generate
+from nanolisa.loss import IGNORE_INDEX
 from nanolisa.tokenizer import load_tokenizer
 
 TOK = load_tokenizer("tiny")
@@ -45,7 +46,7 @@ def _examples(n=7, seed=0):
         T = int(torch.randint(3, 40, (1,), generator=g))
         ids = torch.randint(0, V, (T,), generator=g).tolist()
         p = int(torch.randint(0, T - 1, (1,), generator=g))
-        out.append((ids, [IGNORE] * p + ids[p:]))
+        out.append((ids, [IGNORE_INDEX] * p + ids[p:]))
     out.append(([5], [5]))  # one token: nothing to predict, contributes 0 tokens
     return out
 
@@ -57,13 +58,13 @@ def test_nll_matches_transformers_loss(pair):
     # transformers on a right-padded batch with an attention mask: .loss is the mean over loss tokens
     T = max(len(x) for x, _ in ex)
     ids = torch.zeros(len(ex), T, dtype=torch.long)
-    labels = torch.full((len(ex), T), IGNORE)
+    labels = torch.full((len(ex), T), IGNORE_INDEX)
     mask = torch.zeros(len(ex), T, dtype=torch.long)
     for i, (x, y) in enumerate(ex):
         ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
-    assert n == int((labels[:, 1:] != IGNORE).sum())
+    assert n == int((labels[:, 1:] != IGNORE_INDEX).sum())
     assert total / n == pytest.approx(ref, rel=1e-5)
     assert perplexity(total, n) == pytest.approx(math.exp(ref), rel=1e-5)
 
@@ -132,7 +133,7 @@ def test_choice_scores_match_transformers_loglik(pair, tmp_path):
 def test_continuation_example_masks_context():
     ids, labels = continuation_example(TOK, "Q: a\nA:", " b")
     assert ids[0] == TOK.bos_token_id and TOK.decode(ids[1:]) == "Q: a\nA: b"
-    assert labels == [IGNORE] * (len(ids) - 2) + ids[-2:]
+    assert labels == [IGNORE_INDEX] * (len(ids) - 2) + ids[-2:]
 
 
 @pytest.mark.parametrize("line", ["not json", '{"question": "q", "choices": ["a"], "answer": 0}',

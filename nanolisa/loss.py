@@ -1,0 +1,47 @@
+"""The loss: next-token cross-entropy over the loss-bearing tokens, one function for training and evaluation.
+
+Labels are aligned with input_ids (the Hugging Face convention): labels[b, t] is the token at position t,
+or IGNORE_INDEX where that token takes no loss (prompt, padding). The model's output at position t predicts
+the token at t+1, so the *labels* are shifted one to the left against the outputs:
+
+    targets[b, t] = labels[b, t + 1]        (the last position predicts nothing: IGNORE_INDEX)
+
+Shifting the labels, not the logits, matters for memory: `logits[:, :-1]` followed by a reshape copies the
+whole (B, T, V) logits, which at a 128k vocabulary is the largest tensor of a training step.
+
+The sums are returned with their token counts, never as means: a training step divides by the number of
+loss-bearing tokens of the *whole* step (all micro-batches), so gradient accumulation equals one big batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+IGNORE_INDEX = -100  # the label of a token that takes no loss (torch's cross_entropy and transformers agree)
+
+
+def shift_labels(labels: Tensor) -> Tensor:
+    """labels (B, T) aligned with the inputs -> targets (B, T) aligned with the outputs."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def count_loss_tokens(labels: Tensor) -> int:
+    """How many targets of labels (B, T) take a loss (the first position of each row never does)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """logits (B, T, V), labels (B, T) -> NLL of each next token (B, T), fp32, 0 where there is no target."""
+    targets = shift_labels(labels)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                          reduction="none")  # (B*T,)
+    return nll.view(targets.shape)
+
+
+def next_token_nll(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
+                   position_ids: Tensor | None = None) -> Tensor:
+    """Run the model and return the summed next-token NLL of each row, (B,) fp32."""
+    logits = model(input_ids, position_ids=position_ids)  # (B, T, V)
+    return token_nll(logits, labels).sum(dim=1)
