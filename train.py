@@ -1,121 +1,13 @@
 """Fine-tune a language model with LISA (default), LoRA or full fine-tuning.
 
-Usage:
-  python train.py                                     # LISA on the built-in tiny model and demo data (CPU, ~2 min)
+  python train.py                      # LISA on the built-in tiny model and demo data (CPU, ~2 min)
   python train.py --model path/to/llama --data alpaca.json --lisa-layers 2 --interval 20 --steps 1000
-  python train.py --method lora --lora-r 8 --lora-alpha 16 --merge --model path/to/llama --data chats.jsonl
-  python train.py --resume --out out                  # continue an interrupted run, bit-for-bit
+  python train.py --help               # every flag, explained
 
-The final model is written to --out as a Hugging Face directory (transformers, vLLM and llama.cpp's
-converter load it as-is), or as a PEFT adapter for --method lora; resumable checkpoints go to
---out/checkpoints/, the per-step metrics to --out/metrics.jsonl and a loss plot to --out/loss.png.
-LMFlow's flag spellings --lisa_activated_layers and --lisa_interval_steps are accepted too.
+The code is in nanolisa/cli/train.py (the flags) and nanolisa/trainer.py (the loop); after
+`pip install nanolisa` the same tool is `nanolisa train`.
 """
-from __future__ import annotations
-
-import argparse
-import json
-
-from nanolisa.errors import ArgumentParser, run_cli
-from nanolisa.trainer import TrainConfig, return_freed_memory_to_os, train
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    d = TrainConfig()
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model, data and output")
-    g.add_argument("--model", default=d.model, help="Hugging Face model directory, or a built-in preset "
-                   "(default: %(default)s, a 0.8M-parameter Llama that needs no download)")
-    g.add_argument("--data", default=d.data, help="training data: a file or directory in any supported format "
-                   "(LMFlow JSON, Alpaca, ShareGPT, OpenAI messages jsonl, plain .txt), or 'demo' for the "
-                   "bundled arithmetic/string demo set (default: %(default)s)")
-    g.add_argument("--eval-data", default=None, help="held-out data for --eval-every (default: the demo test "
-                   "split when --data is demo, otherwise none)")
-    g.add_argument("--out", default=d.out, help="output directory: the final model, checkpoints/, "
-                   "metrics.jsonl and loss.png (default: %(default)s)")
-    g.add_argument("--template", default=None, help="chat template for conversation data: a preset name "
-                   "(chatml, llama3, llama2, qwen2, mistral, ...) or, by default, the model's own")
-    g.add_argument("--train-on-prompt", action="store_true", help="take loss on prompts and user turns too "
-                   "(default: only on outputs / assistant turns)")
-    g.add_argument("--seq-len", type=int, default=d.seq_len, help="longer examples are truncated "
-                   "(and counted) (default: %(default)s)")
-    g.add_argument("--pack", action="store_true", help="pack several examples into each row of --seq-len "
-                   "tokens; attention never crosses examples")
-
-    g = p.add_argument_group("method")
-    g.add_argument("--method", default=d.method, help="lisa | lora | full (default: %(default)s)")
-    g.add_argument("--lisa-layers", "--lisa_activated_layers", type=int, default=d.lisa_layers,
-                   help="LISA: number of transformer blocks trained at a time, gamma (default: %(default)s)")
-    g.add_argument("--interval", "--lisa_interval_steps", type=int, default=d.interval,
-                   help="LISA: optimizer steps between re-sampling the active blocks, K (default: %(default)s)")
-    g.add_argument("--freeze-embeddings", action="store_true", help="LISA: do not train the token embedding "
-                   "(with large vocabularies it dominates LISA's memory)")
-    g.add_argument("--freeze-head", action="store_true", help="LISA: do not train the final norm and LM head")
-    g.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default: %(default)s)")
-    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha; the adapter is "
-                   "scaled by alpha/r (default: %(default)s)")
-    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA input "
-                   "(default: %(default)s)")
-    g.add_argument("--lora-targets", default=d.lora_targets, help="comma-separated module names to adapt "
-                   "(q_proj,v_proj,... or GPT-2's c_attn,c_proj,c_fc), or all-linear (default: %(default)s)")
-    g.add_argument("--lora-modules-to-save", default="", help="comma-separated modules trained in full "
-                   "beside the adapters, e.g. embed_tokens,lm_head")
-    g.add_argument("--rslora", action="store_true", help="scale adapters by alpha/sqrt(r) (rsLoRA)")
-    g.add_argument("--dora", action="store_true", help="weight-decomposed LoRA (DoRA)")
-    g.add_argument("--merge", action="store_true", help="LoRA: also write the merged full model to --out/merged")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps to run (default: one epoch, or "
-                   "--epochs; the tiny preset's recipe: 3000)")
-    g.add_argument("--epochs", type=float, default=None, help="epochs to run when --steps is not given")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch per device "
-                   "(default: 4; the tiny preset's recipe: 32)")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step "
-                   "(default: %(default)s)")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: 5e-5, "
-                   "2e-4 for LoRA; the tiny preset starts from random weights and its recipe uses 3e-3)")
-    g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the decay "
-                   "(default: %(default)s)")
-    g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps (default: 0; the "
-                   "tiny preset's recipe: 30)")
-    g.add_argument("--schedule", default=d.schedule, help="cosine | linear | constant (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay, "
-                   "not applied to biases and norms (default: %(default)s)")
-    g.add_argument("--clip", type=float, default=d.clip, help="clip the gradient norm to this; 0 disables "
-                   "(default: %(default)s)")
-    g.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 autocast, weights stay fp32 "
-                   "(default: bf16 on a GPU that supports it, else fp32)")
-    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward "
-                   "pass: less memory, about a third more compute")
-    g.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation, data order and LISA's "
-                   "layer sampling (default: %(default)s)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-
-    g = p.add_argument_group("evaluation, checkpoints and logs")
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out loss every N steps, 0 = "
-                   "never, -1 = ten times per run (default: %(default)s)")
-    g.add_argument("--save-every", type=int, default=d.save_every, help="write a resumable checkpoint every "
-                   "N steps, 0 = never, -1 = ten times per run; a finished run removes its checkpoints "
-                   "(default: %(default)s)")
-    g.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out")
-    g.add_argument("--log", default=None, help="metrics jsonl path (default: "
-                   "--out/checkpoints/metrics.jsonl while the run lasts, --out/metrics.jsonl once it finishes)")
-    g.add_argument("--no-plot", action="store_true", help="do not draw --out/loss.png")
-    g.add_argument("--quiet", action="store_true", help="no progress output")
-    a = p.parse_args(argv)
-
-    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__})
-    cfg.plot = not a.no_plot
-    cfg.lora_modules_to_save = [m for m in a.lora_modules_to_save.split(",") if m]
-    return cfg
-
-
-def main() -> None:
-    cfg = parse_args()
-    return_freed_memory_to_os()
-    final = train(cfg)
-    print(json.dumps(final))
-
+from nanolisa.cli.train import run
 
 if __name__ == "__main__":
-    run_cli(main)
+    run()

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""nanolisa's side of the training benchmark: the twin of /work/shared/bench/peer_stack.py.
+"""nanolisa's side of the training benchmark: the twin of ../shared/bench/peer_stack.py
+(the peers' stack, in the shared folder beside the project checkout).
 
 Same flags, same measurements, same one-line JSON output, so a nanolisa row and a peers' row compare 1:1.
 A random Llama-shaped nanolisa model (no download), nanolisa's AdamW over ALL parameters (trainer.param_groups),
@@ -15,7 +16,7 @@ should take in theory for this mode, and the bytes autograd saved for backward (
 For lisa also the peak RSS right after the step of the first switch and after the step of the last switch
 (with --interval 1 every step switches): "memory stays flat across switches" means these two are close.
 
-Usage (one mode per process; bench/run_all.sh runs the whole comparison):
+Usage (one mode per process; bench/run_all.py runs the whole comparison):
   .venv/bin/python bench/bench_train.py --mode lisa --lisa-layers 1 --interval 1 --layers 8 --hidden 1024 \
       --ffn 2816 --heads 8 --kv-heads 4 --vocab 300 --batch 2 --seq 128 --steps 11
 """

@@ -28,7 +28,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-PEER = "/work/shared/bench/peer_stack.py"
+PEER = os.path.join(ROOT, "..", "shared", "bench", "peer_stack.py")  # ../shared beside the checkout
 
 SHAPES = {
     # issue 4's target: ~100M-parameter Llama-shaped model, 12 blocks of width 768, small vocab, 4 x 512, fp32.

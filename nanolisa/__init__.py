@@ -6,7 +6,7 @@ fine-tuning, in pure PyTorch.
     logits = model(input_ids)                                          # (B, T, vocab)
     nanolisa.save_pretrained(model, tokenizer, "out/")                 # loads in transformers as-is
 """
-from nanolisa.checkpoint import load_model, load_pretrained, save_pretrained
+from nanolisa.pretrained import load_model, load_pretrained, save_pretrained
 from nanolisa.config import ModelConfig
 from nanolisa.errors import UserError
 from nanolisa.model import build_model

@@ -12,7 +12,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanolisa.errors import UserError, read_json
+import torch
+
+from nanolisa.errors import UserError
+from nanolisa.files import read_json
 
 # model_type -> the class name transformers (and vLLM, llama.cpp) look for in "architectures".
 ARCHITECTURES = {
@@ -22,6 +25,18 @@ ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
 }
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+# Weight dtypes by the short names the command-line tools take, and by the names config.json writes.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def to_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from a short name ("bf16"), a config.json name ("bfloat16") or a dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES and dtype not in CONFIG_DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES.get(dtype) or CONFIG_DTYPES[dtype]
 
 
 @dataclass

@@ -28,13 +28,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from nanolisa import demo_data
 from nanolisa.errors import UserError
+from nanolisa.files import atomic_file
 from nanolisa.loss import IGNORE_INDEX
 from nanolisa.templates import assistant_spans, labels_from_spans, resolve_template
 
@@ -246,7 +247,6 @@ def read_dataset(path: str) -> Dataset:
     """Read and validate a dataset (file, directory of LMFlow *.json, "demo", "demo:test" (text2text), or
     "demo:conversation[:test]"). Raises UserError naming the file and instance on bad input."""
     if path == "demo" or path.startswith("demo:"):
-        from nanolisa import demo_data
         opts = path.split(":")[1:]
         bad = [o for o in opts if o not in ("train", "test", "conversation", "text2text")]
         if bad:
@@ -385,10 +385,8 @@ def _save_cache(path: str, data: TokenizedData) -> None:
     ids = np.fromiter((t for i, _ in data.examples for t in i), dtype=np.int64, count=int(lengths.sum()))
     labels = np.fromiter((t for _, l in data.examples for t in l), dtype=np.int64, count=int(lengths.sum()))
     meta = np.array([data.num_truncated, data.num_dropped, data.num_tokens_with_loss], dtype=np.int64)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_file(path, "wb") as f:
         np.savez(f, lengths=lengths, ids=ids, labels=labels, meta=meta)
-    os.replace(tmp, path)
 
 
 def _load_cache(path: str, seq_len: int, source: str) -> TokenizedData:

@@ -22,6 +22,8 @@ import os
 import random
 import string
 
+from nanolisa.files import atomic_file
+
 DEMO_VERSION = 2  # bump when the generator changes (it is part of the tokenization-cache key)
 NUM_TRAIN, NUM_TEST = 3000, 200
 SEED = 1234
@@ -73,9 +75,7 @@ def write_demo(out_dir: str) -> list[str]:
     for fmt in ("conversation", "text2text"):
         for split in ("train", "test"):
             path = os.path.join(out_dir, f"{fmt}_{split}.json")
-            tmp = path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
+            with atomic_file(path) as f:
                 json.dump({"type": fmt, "instances": demo_instances(split, fmt)}, f, indent=1, ensure_ascii=False)
-            os.replace(tmp, path)
             written.append(path)
     return written

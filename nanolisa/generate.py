@@ -20,13 +20,14 @@ which starts with the tokens already cached, so only the new part (the user's me
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
 
 from nanolisa.errors import UserError
+from nanolisa.templates import resolve_template
+from nanolisa.tokenizer import END_OF_TURN_TOKENS
 
 Tensor = torch.Tensor
 
@@ -219,70 +220,9 @@ def greedy_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_token
     return out
 
 
-def add_runtime_args(p) -> None:
-    """--dtype, --device and --threads, shared by chat.py and eval.py."""
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="weight dtype; default bf16 on a GPU that supports it, else fp32")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; default cuda if available")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch; default: torch's choice. On a busy machine --threads 1 can be "
-                        "much faster: decoding runs many small matmuls that wait on the slowest thread")
-
-
-def set_threads(threads: int | None) -> None:
-    """Apply --threads (None: leave torch's choice)."""
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads {threads}: must be >= 1")
-        torch.set_num_threads(threads)
-
-
-def pick_device(device: str | None) -> torch.device:
-    """--device: a torch device string; by default cuda if available, else cpu."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r}: not a device; use cpu, cuda, cuda:1, mps, ...") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return d
-
-
-def load_for_inference(model_path: str, lora: str | None = None, dtype: str | None = None,
-                       device: str | None = None):
-    """(model, tokenizer) in eval mode, for chat.py and eval.py: a Hugging Face directory or a preset name,
-    optionally with a LoRA adapter directory on top (a bare adapter directory as model_path loads the base
-    model its adapter_config.json names). dtype None: bf16 on a GPU that supports it, else fp32."""
-    from nanolisa.checkpoint import load_pretrained, to_dtype
-    dev = pick_device(device)
-    if lora is None and os.path.isfile(os.path.join(model_path, "adapter_config.json")) and \
-            not os.path.isfile(os.path.join(model_path, "config.json")):
-        # `train.py --method lora` writes an adapter directory: load its base model, then the adapter
-        from nanolisa.lora import read_adapter_config
-        base = read_adapter_config(model_path).get("base_model_name_or_path")
-        if not base:
-            raise UserError(f"{model_path}: a LoRA adapter without base_model_name_or_path; give the base "
-                            f"model with --model and the adapter with --lora")
-        model_path, lora = base, model_path
-    if dtype is None:
-        dtype = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    model, tokenizer = load_pretrained(model_path, dtype=to_dtype(dtype), device=dev)
-    if lora is not None:
-        if not os.path.isdir(lora):
-            raise UserError(f"--lora {lora}: no such adapter directory")
-        from nanolisa.lora import load_adapter
-        load_adapter(model, lora)
-        model.to(device=dev, dtype=to_dtype(dtype))
-    return model.eval(), tokenizer
-
-
 def stop_ids_for(tokenizer, template: str | None = None) -> list[int]:
     """Token ids that end a reply: the tokenizer's EOS and end-of-turn ids, plus the end-of-turn markers
     the chosen template writes (a preset such as llama3 ends turns with <|eot_id|>, not EOS)."""
-    from nanolisa.templates import resolve_template
-    from nanolisa.tokenizer import END_OF_TURN_TOKENS
     ids = list(tokenizer.stop_token_ids)
     if template is not None:
         _, source = resolve_template(tokenizer, template)

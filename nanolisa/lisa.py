@@ -53,22 +53,9 @@ import torch
 import torch.nn as nn
 
 from nanolisa.errors import UserError
+from nanolisa.model import unwrap
 
 log = logging.getLogger(__name__)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Find the module exposing `.blocks` under DDP (`.module`) or torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if "_orig_mod" in model._modules:  # torch.compile (forwards attribute reads, but unwrap anyway)
-            model = model._orig_mod
-        elif not hasattr(model, "blocks") and isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module  # DistributedDataParallel
-        else:
-            break
-    if not hasattr(model, "blocks"):
-        raise TypeError(f"{type(model).__name__} has no .blocks: LISA needs a nanolisa model")
-    return model
 
 
 def _params(modules: list[nn.Module]) -> list[nn.Parameter]:
@@ -81,7 +68,7 @@ class LISA:
         # Keep the model, not a list of its parameters: wrapping the model after this point (FSDP swaps
         # in sharded Parameters) must not leave LISA toggling stale tensors. Parameters are looked up
         # from the module objects at each switch.
-        self.model = _unwrap(model)
+        self.model = unwrap(model)
         L = len(self.model.blocks)
         if not 0 <= n_layers <= L:
             raise UserError(f"LISA n_layers={n_layers} is out of range: the model has {L} blocks, "
@@ -134,9 +121,6 @@ class LISA:
             else:  # any torch optimizer: its state is a dict keyed by parameter
                 for p in frozen:
                     optimizer.state.pop(p, None)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()

@@ -29,12 +29,9 @@ lora_A / lora_B are (r, in) / (out, r) for Conv1D too; only the config says `fan
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +40,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nanolisa.errors import UserError, read_json
+from nanolisa.errors import UserError
+from nanolisa.files import install_dir, read_json, staging_dir, write_json
+from nanolisa.model import unwrap
 
 Tensor = torch.Tensor
 
@@ -169,12 +168,6 @@ class LoRAConfig:
     modules_to_save: list[str] = field(default_factory=list)
 
 
-def _root(model: nn.Module) -> nn.Module:
-    """The nanolisa model inside any wrappers (torch.compile, DDP): where the LoRA settings are kept."""
-    from nanolisa.model import CausalLM
-    return next((m for m in model.modules() if isinstance(m, CausalLM)), model)
-
-
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """{checkpoint name: LoRALinear} of every adapter in the model."""
     return {clean_name(n): m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -200,7 +193,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     """
     if lora_modules(model):
         raise UserError("the model already has LoRA adapters; apply LoRA once, to a plain model")
-    root = _root(model)
+    root = unwrap(model)
     head = getattr(root, "lm_head", None)
     cfg = getattr(root, "config", None)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
@@ -263,7 +256,7 @@ def mark_only_lora_trainable(model: nn.Module, modules_to_save=()) -> list[str]:
     for m in _modules_to_save(model, modules_to_save).values():
         for p in m.parameters():  # a tied lm_head shares the embedding Parameter: both train
             p.requires_grad_(True)
-    root = _root(model)
+    root = unwrap(model)
     if getattr(root, "lora_config", None) is not None:
         root.lora_config.modules_to_save = list(modules_to_save)
     return [clean_name(n) for n, p in model.named_parameters() if p.requires_grad]
@@ -273,7 +266,7 @@ def mark_only_lora_trainable(model: nn.Module, modules_to_save=()) -> list[str]:
 # Adapter tensors: for the trainer's checkpoints, and for the PEFT files
 
 
-def _full(t: Tensor) -> Tensor:
+def gathered(t: Tensor) -> Tensor:
     """A plain tensor from a possibly sharded one (FSDP2 DTensor)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -283,14 +276,14 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     parameters of modules_to_save. Tensors are detached, not copied."""
     sd = {}
     for name, m in lora_modules(model).items():
-        sd[f"{name}.lora_A.weight"] = _full(m.lora_A.weight).detach()
-        sd[f"{name}.lora_B.weight"] = _full(m.lora_B.weight).detach()
+        sd[f"{name}.lora_A.weight"] = gathered(m.lora_A.weight).detach()
+        sd[f"{name}.lora_B.weight"] = gathered(m.lora_B.weight).detach()
         if m.lora_magnitude_vector is not None:
-            sd[f"{name}.lora_magnitude_vector"] = _full(m.lora_magnitude_vector).detach()
-    cfg = getattr(_root(model), "lora_config", None)
+            sd[f"{name}.lora_magnitude_vector"] = gathered(m.lora_magnitude_vector).detach()
+    cfg = getattr(unwrap(model), "lora_config", None)
     for name, m in _modules_to_save(model, cfg.modules_to_save if cfg else ()).items():
         for pname, p in m.named_parameters():
-            sd[f"{name}.{pname}"] = _full(p).detach()
+            sd[f"{name}.{pname}"] = gathered(p).detach()
     return sd
 
 
@@ -339,7 +332,7 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str) -
         raise UserError("the model has no LoRA adapters to save (call apply_lora or load_adapter first)")
     if any(m.merged for m in mods.values()):
         raise UserError("the adapters are merged into the weights; unmerge them before saving the adapter")
-    root = _root(model)
+    root = unwrap(model)
     one = next(iter(mods.values()))
     cfg = getattr(root, "lora_config", None) or LoRAConfig(one.r, one.alpha, one.dropout, "all-linear",
                                                            one.rslora, one.dora)
@@ -372,25 +365,10 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str) -
         "alpha_pattern": {},
         "revision": None,
     }
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
-    try:
+    with staging_dir(out_dir, prefix=".tmp-adapter-") as tmp:
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-        if not os.path.exists(out_dir) or not os.listdir(out_dir):
-            if os.path.isdir(out_dir):
-                os.rmdir(out_dir)
-            os.replace(tmp, out_dir)
-        else:  # keep whatever else the directory holds; weights first, config last
-            for fname in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-                os.replace(os.path.join(tmp, fname), os.path.join(out_dir, fname))
-            os.rmdir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(os.path.join(tmp, ADAPTER_CONFIG), config)
+        install_dir(tmp, out_dir, last=ADAPTER_CONFIG)  # keeps whatever else the directory holds
 
 
 def read_adapter_config(adapter_dir: str) -> dict:
@@ -435,7 +413,7 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
                    targets=c["target_modules"], rslora=bool(c.get("use_rslora")), dora=bool(c.get("use_dora")))
     except UserError as e:
         raise UserError(f"{adapter_dir}: {e} (was the adapter made for a different architecture?)") from None
-    root = _root(model)
+    root = unwrap(model)
     root.lora_config.modules_to_save = list(c.get("modules_to_save") or [])
     _modules_to_save(model, root.lora_config.modules_to_save)  # each must name a module of this model
     sd = {}
@@ -467,7 +445,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         lin.bias = m.bias
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, lin)
-    root = _root(model)
+    root = unwrap(model)
     if hasattr(root, "lora_config"):
         del root.lora_config
     return model

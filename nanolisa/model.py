@@ -328,6 +328,15 @@ class CausalLM(nn.Module):
         self.tie_weights()
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside any wrapper (DDP's `.module`, torch.compile's `._orig_mod`, ...): the first module
+    that has transformer `.blocks` of its own, not by forwarding attribute reads to what it wraps."""
+    for m in model.modules():
+        if hasattr(type(m), "blocks") or "blocks" in m._modules:
+            return m
+    raise TypeError(f"{type(model).__name__} has no .blocks: not a nanolisa model, and it wraps none")
+
+
 class LlamaForCausalLM(CausalLM):
     """Llama 2 / Llama 3 / Mistral / Qwen2: the differences are all in the config (biases, rope, ties)."""
 

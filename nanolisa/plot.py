@@ -3,8 +3,11 @@ transformer blocks LISA had active at each step. matplotlib is an optional extra
 nanolisa[plot]`); without it the plot is skipped with a notice."""
 from __future__ import annotations
 
-import os
 import sys
+
+import numpy as np
+
+from nanolisa.files import atomic_file
 
 
 def plot_run(rows: list[dict], lisa_history: list[tuple[int, list[int]]], n_blocks: int, total_steps: int,
@@ -17,7 +20,6 @@ def plot_run(rows: list[dict], lisa_history: list[tuple[int, list[int]]], n_bloc
         print("note: matplotlib is not installed, so no loss plot was drawn (pip install matplotlib)",
               file=sys.stderr)
         return False
-    import numpy as np
 
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
@@ -46,8 +48,7 @@ def plot_run(rows: list[dict], lisa_history: list[tuple[int, list[int]]], n_bloc
     else:
         ax.set_xlabel("step")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return True

@@ -10,8 +10,9 @@ import os
 
 import torch
 
-from nanolisa.config import ModelConfig
+from nanolisa.config import ModelConfig, to_dtype
 from nanolisa.model import CausalLM, build_model
+from nanolisa.tokenizer import Tokenizer, load_tokenizer
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 
@@ -38,9 +39,7 @@ def preset_config(name: str, tokenizer) -> ModelConfig:
     return ModelConfig.from_hf(hf)
 
 
-def load_preset(name: str, dtype=None, device=None, seed: int = 0) -> tuple[CausalLM, object]:
-    from nanolisa.checkpoint import to_dtype
-    from nanolisa.tokenizer import load_tokenizer
+def load_preset(name: str, dtype=None, device=None, seed: int = 0) -> tuple[CausalLM, Tokenizer]:
     tokenizer = load_tokenizer(os.path.join(ASSETS, name))
     model = build_model(preset_config(name, tokenizer))
     rng_state = torch.random.get_rng_state()

@@ -23,17 +23,18 @@ The built-in "tiny" model uses a byte-level tokenizer made by `build_tiny_tokeni
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
+import sentencepiece as spm
 from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE, Unigram
 
-from nanolisa.errors import UserError, read_json
+from nanolisa.errors import UserError
+from nanolisa.files import copy_file, read_json, write_text
 
 TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
 
@@ -59,14 +60,6 @@ def _read_json(path: str) -> dict:
         return {}
     data = read_json(path)
     return data if isinstance(data, dict) else {}
-
-
-def _atomic_write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; tokenizer files are ordinary shared files
-    os.replace(tmp, path)
 
 
 def _clean_up_tokenization(text: str) -> str:
@@ -157,7 +150,6 @@ class Tokenizer:
 
     def fingerprint(self) -> str:
         """A stable hash of everything that decides token ids (used as a tokenization-cache key)."""
-        import hashlib
         h = hashlib.sha256(self.backend.to_str().encode("utf-8"))
         h.update(json.dumps([self.bos_token, self.eos_token, self.pad_token, self.chat_template]).encode())
         return h.hexdigest()[:16]
@@ -167,11 +159,9 @@ class Tokenizer:
         """Write tokenizer.json (+ tokenizer.model when loaded from one), tokenizer_config.json and
         special_tokens_map.json, so that both nanolisa and transformers' AutoTokenizer can load `out_dir`."""
         os.makedirs(out_dir, exist_ok=True)
-        _atomic_write(os.path.join(out_dir, "tokenizer.json"), self.backend.to_str(pretty=True))
+        write_text(os.path.join(out_dir, "tokenizer.json"), self.backend.to_str(pretty=True))
         if self.sp_model_path and os.path.abspath(os.path.dirname(self.sp_model_path)) != os.path.abspath(out_dir):
-            tmp = os.path.join(out_dir, ".tmp-tokenizer.model")
-            shutil.copyfile(self.sp_model_path, tmp)
-            os.replace(tmp, os.path.join(out_dir, "tokenizer.model"))
+            copy_file(self.sp_model_path, os.path.join(out_dir, "tokenizer.model"))
         specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                       ("pad_token", self.pad_token), ("unk_token", self.unk_token)) if v is not None}
         config = {k: v for k, v in self.config.items() if k not in ("chat_template",)}
@@ -183,14 +173,14 @@ class Tokenizer:
         config.pop("legacy", None)
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _atomic_write(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=2, ensure_ascii=False))
-        _atomic_write(os.path.join(out_dir, "special_tokens_map.json"), json.dumps(specials, indent=2, ensure_ascii=False))
+        write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=2, ensure_ascii=False))
+        write_text(os.path.join(out_dir, "special_tokens_map.json"), json.dumps(specials, indent=2, ensure_ascii=False))
         stale = os.path.join(out_dir, "chat_template.jinja")
         if os.path.exists(stale):  # transformers 5 prefers this file; keep it in sync with what we hold
             if self.chat_template is None:
                 os.remove(stale)
             else:
-                _atomic_write(stale, self.chat_template)
+                write_text(stale, self.chat_template)
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
@@ -213,8 +203,6 @@ def _generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
 
 
 def _tokenizer_from_sentencepiece(model_path: str, config: dict) -> HFTokenizer:
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=model_path)
     n = sp.get_piece_size()
     pieces = [sp.id_to_piece(i) for i in range(n)]

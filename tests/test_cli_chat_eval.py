@@ -1,40 +1,17 @@
 """chat.py and eval.py end to end: one-shot replies, --json output, and one-line errors for bad input."""
-import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import nanolisa
+from nanolisa.cli import chat
+from nanolisa.cli import eval as evalcli
 from nanolisa.generate import Sampling, generate
 from nanolisa.templates import render_chat
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_{name}_cli", os.path.join(ROOT, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-chat = _script("chat")
-evalcli = _script("eval")
-
-
-def _run(script, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return nanolisa.load_pretrained("tiny")
+from tests.helpers import run_script as _run
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +144,6 @@ def test_lora_adapter_flag_and_bare_adapter_dir(model_dir, tmp_path, capsys):
 def _write(path, obj):
     path.write_text(json.dumps(obj))
     return str(path)
-
-
-@pytest.fixture(autouse=True)
-def _no_home_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOLISA_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.mark.parametrize("kind", ["text_only", "text2text", "conversation"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from nanolisa.checkpoint import load_model
+from nanolisa.pretrained import load_model
 from nanolisa.errors import UserError
 from nanolisa.evaluate import (continuation_example, example_nlls, exact_match, nll, perplexity,
                                read_choice_file, score_choices)

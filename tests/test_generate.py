@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from nanolisa.checkpoint import load_model
+from nanolisa.pretrained import load_model
 from nanolisa.errors import UserError
 from nanolisa.generate import (Decoder, Sampling, TextStream, generate, greedy_batch, next_token,
                                repetition_penalty, top_k_filter, top_p_filter)

@@ -6,8 +6,6 @@ un-detached norm or a misnamed key shows up as different logits or gradients.
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,8 +18,8 @@ import nanolisa  # noqa: E402
 from nanolisa.errors import UserError  # noqa: E402
 from nanolisa.lora import (LoRALinear, apply_lora, load_adapter, load_lora_state_dict, lora_modules,  # noqa: E402
                            lora_state_dict, mark_only_lora_trainable, merge_lora, save_adapter)
+from tests.helpers import run_script  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-5
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_ALL = ["c_attn", "c_proj", "c_fc"]
@@ -274,9 +272,7 @@ def test_load_adapter_errors(base_dirs, tmp_path):
 
 
 def _run_cli(*args):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "nanolisa.merge_lora", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+    return run_script("-m", "nanolisa", "merge", *args)
 
 
 def test_merge_cli_end_to_end(base_dirs, tmp_path):
@@ -299,14 +295,14 @@ def test_merge_cli_end_to_end(base_dirs, tmp_path):
 
 
 def test_merge_cli_help_and_wrong_architecture(base_dirs, tmp_path, capsys):
-    from nanolisa import merge_lora as cli
+    from nanolisa.cli import merge as cli
     with pytest.raises(SystemExit) as e:
         cli.parse_args(["--help"])
     assert e.value.code == 0
     help_text = capsys.readouterr().out
     for flag in ("--model", "--lora", "--out", "--dtype"):
         assert flag in help_text
-    assert "python -m nanolisa.merge_lora" in cli.__doc__
+    assert "nanolisa merge" in cli.__doc__
     gpt2 = nanolisa.load_model(base_dirs["gpt2"])
     apply_lora(gpt2, targets="all-linear")
     save_adapter(gpt2, str(tmp_path / "gpt2"), base_dirs["gpt2"])

@@ -6,32 +6,7 @@ import transformers as tf
 import nanolisa
 from nanolisa.config import ModelConfig
 from nanolisa.model import build_model
-
-SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2)
-CONFIGS = {
-    "llama-gqa": lambda: tf.LlamaConfig(**SMALL),
-    "llama-bias": lambda: tf.LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True),
-    "llama3-rope": lambda: tf.LlamaConfig(**SMALL, max_position_embeddings=64, rope_theta=500000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8}),
-    "llama-linear-rope": lambda: tf.LlamaConfig(**SMALL, rope_scaling={"type": "linear", "factor": 2.0}),
-    "llama-dynamic-rope": lambda: tf.LlamaConfig(**SMALL, max_position_embeddings=16,
-                                                 rope_scaling={"type": "dynamic", "factor": 2.0}),
-    "mistral": lambda: tf.MistralConfig(**{**SMALL, "num_key_value_heads": 1}),
-    "qwen2-tied": lambda: tf.Qwen2Config(**SMALL, tie_word_embeddings=True),
-    "gpt2": lambda: tf.GPT2Config(vocab_size=101, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0),
-}
-
-
-def randomize(model: torch.nn.Module) -> None:
-    """Non-trivial weights everywhere (norm weights and biases too), so every parameter is exercised."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 and torch.all(p == 1) else 0.0))
-
+from tests.helpers import CONFIGS, SMALL, randomize
 
 def hf_and_ours(name, tmp_path):
     torch.manual_seed(0)

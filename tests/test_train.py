@@ -13,18 +13,15 @@ import transformers as tf
 from safetensors.torch import load_file
 
 import nanolisa
-from nanolisa.trainer import TrainConfig, lr_at, train
+from nanolisa.train_config import TrainConfig
+from nanolisa.trainer import lr_at, train
+from tests.helpers import ROOT, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--batch-size", "4", "--seq-len", "64", "--no-plot"]
 
 
 def run_train(*args, check=True, **kw):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
-                       cwd=ROOT, **kw)
-    if check:
-        assert p.returncode == 0, p.stderr
-    return p
+    return run_script("train.py", *args, check=check, **kw)
 
 
 def test_lisa_run_writes_a_model_transformers_loads(tmp_path):

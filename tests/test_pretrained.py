@@ -8,7 +8,7 @@ import transformers as tf
 from safetensors.torch import save_file
 
 import nanolisa
-from tests.test_model import CONFIGS, randomize
+from tests.helpers import CONFIGS, randomize
 
 
 def reference(name, tmp_path, **save_kwargs):

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: `load_pretrained` and `save_pretrained`.
+"""Hugging Face model directories in and out: `load_pretrained` and `save_pretrained`.
 
 A Hugging Face model directory holds config.json, the weights (model.safetensors, or shards listed in
 model.safetensors.index.json, or a legacy pytorch_model.bin) and the tokenizer files. Because nanolisa's
@@ -18,33 +18,23 @@ checkpoint behind.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nanolisa.config import ModelConfig, read_config
-from nanolisa.errors import UserError, read_json
+from nanolisa.config import CONFIG_DTYPES, ModelConfig, read_config, to_dtype
+from nanolisa.errors import UserError
+from nanolisa.files import install_dir, read_json, staging_dir, write_json
 from nanolisa.model import CausalLM, build_model
+from nanolisa.presets import PRESETS, load_preset
+from nanolisa.tokenizer import load_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2
 GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
 SHARD_BYTES = 5 * 2**30  # shard past 5 GiB, as transformers does
-
-
-def to_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -107,7 +97,7 @@ def load_model(path: str, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None) -> CausalLM:
     """The model only, from a Hugging Face directory. dtype None keeps the checkpoint's own dtype."""
     cfg = read_config(path)
-    dtype = to_dtype(dtype) or to_dtype(cfg.dtype if cfg.dtype in DTYPES else "float32")
+    dtype = to_dtype(dtype) or CONFIG_DTYPES.get(cfg.dtype, torch.float32)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = build_model(cfg)
@@ -148,8 +138,6 @@ def load_model(path: str, dtype: str | torch.dtype | None = None,
 def load_pretrained(path: str, dtype: str | torch.dtype | None = None,
                     device: str | torch.device | None = None):
     """(model, tokenizer) from a Hugging Face model directory or a built-in preset name ("tiny")."""
-    from nanolisa.presets import PRESETS, load_preset
-    from nanolisa.tokenizer import load_tokenizer
     if path in PRESETS and not os.path.isdir(path):
         return load_preset(path, dtype=dtype, device=device)
     if not os.path.isdir(path):
@@ -193,33 +181,13 @@ def _write_weights(sd: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: i
         save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in sd.values())
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_json(os.path.join(out_dir, "model.safetensors.index.json"),
+               {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def _write_json(obj: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def install_dir(tmp: str, out_dir: str) -> None:
-    """Move a fully written directory into place: a rename when out_dir is new; otherwise the files are
-    moved in one by one (weights first, config.json last) and weight files of an older save are removed,
-    so other contents of out_dir (a run's checkpoints/, say) survive."""
-    if not os.path.exists(out_dir) or not os.listdir(out_dir):
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
-        return
-    new = set(os.listdir(tmp))
-    for fname in os.listdir(out_dir):
-        stale = fname.startswith("model") and fname.endswith((".safetensors", ".json")) or fname == "pytorch_model.bin"
-        if stale and fname not in new:
-            os.remove(os.path.join(out_dir, fname))
-    for fname in sorted(new, key=lambda n: n == "config.json"):
-        os.replace(os.path.join(tmp, fname), os.path.join(out_dir, fname))
-    os.rmdir(tmp)
+def _is_weight_file(name: str) -> bool:
+    """Weight files of an earlier save, removed when a new save does not write them (fewer shards, say)."""
+    return name.startswith("model") and name.endswith((".safetensors", ".json")) or name == "pytorch_model.bin"
 
 
 def save_pretrained(model: CausalLM, tokenizer, out_dir: str, dtype: str | torch.dtype | None = None,
@@ -227,10 +195,7 @@ def save_pretrained(model: CausalLM, tokenizer, out_dir: str, dtype: str | torch
     """Write model (and tokenizer, if given) as a Hugging Face directory that transformers loads as-is."""
     dtype = to_dtype(dtype) or model.lm_head.weight.dtype
     sd = hf_state_dict(model, dtype)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
-    try:
+    with staging_dir(out_dir) as tmp:
         _write_weights(sd, tmp, max_shard_bytes)
         cfg = model.config.to_hf(str(dtype).removeprefix("torch."))
         gen = getattr(model, "generation_config", None) or {
@@ -238,11 +203,8 @@ def save_pretrained(model: CausalLM, tokenizer, out_dir: str, dtype: str | torch
         stops = list(getattr(tokenizer, "stop_token_ids", None) or [])
         if len(stops) > 1 and "eos_token_id" not in (getattr(model, "generation_config", None) or {}):
             gen["eos_token_id"] = stops  # so generate() elsewhere also stops at end-of-turn (<|im_end|>, ...)
-        _write_json(gen, os.path.join(tmp, "generation_config.json"))
+        write_json(os.path.join(tmp, "generation_config.json"), gen)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _write_json(cfg, os.path.join(tmp, "config.json"))
-        install_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(os.path.join(tmp, "config.json"), cfg)
+        install_dir(tmp, out_dir, stale=_is_weight_file, last="config.json")

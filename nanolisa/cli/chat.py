@@ -1,0 +1,163 @@
+"""Chat with a model in the terminal: streaming replies, a KV cache, greedy or sampled decoding.
+(`nanolisa chat ...` runs the same code as `python chat.py ...`.)
+
+    python chat.py                                   # the built-in tiny model (random weights: gibberish)
+    python chat.py --model out                       # the model `python train.py` just fine-tuned
+    python chat.py --model path/to/llama --lora out  # a base model plus a LoRA adapter (--method lora);
+                                                     # --model out alone finds the base the adapter names
+    python chat.py --model path/to/Llama-3-8B-Instruct --temperature 0.7 --top-p 0.9 --system "Be brief."
+    python chat.py --model out --prompt "What is 2+3?"          # one-shot: only the reply goes to stdout
+    python chat.py --model path/to/gpt2 --raw --prompt "Once upon a time" --max-new-tokens 50
+
+In the chat, /reset starts a new conversation (the system prompt stays), Ctrl-C interrupts a reply and
+/exit (or Ctrl-D) quits. The conversation is written with the model's chat template (or --template NAME)
+and each reply stops at EOS or the template's end-of-turn token. Each turn only prefills what is new: the
+cached keys and values of the conversation so far are reused (see nanolisa/generate.py). Single process;
+runs on CPU or one GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from nanolisa.cli.common import ArgumentParser, add_runtime_args, load_for_inference, run_cli
+from nanolisa.errors import UserError
+from nanolisa.generate import Decoder, Sampling, TextStream, stop_ids_for
+from nanolisa.runtime import set_threads
+from nanolisa.templates import render_chat, resolve_template
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny",
+                   help="Hugging Face model directory, LoRA adapter directory, or a preset name (default: %(default)s)")
+    p.add_argument("--lora", default=None, metavar="DIR", help="LoRA adapter directory to apply on top")
+    p.add_argument("--template", default=None,
+                   help="chat template: a preset (chatml, llama3, llama2, ...), a .jinja file or a Jinja "
+                        "string; default: the model's own chat_template")
+    p.add_argument("--system", default=None, help="system prompt at the start of every conversation")
+    p.add_argument("--prompt", default=None,
+                   help="one-shot mode: reply to this message, print only the reply to stdout, and exit")
+    p.add_argument("--raw", action="store_true",
+                   help="with --prompt: feed the prompt as-is (plain completion), without the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="most tokens per reply (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 = greedy decoding (default)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k most likely tokens; 0 = no limit (default)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: the smallest set of tokens with this much probability; "
+                        "1 = no limit (default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide logits of tokens already in the conversation by this (CTRL); 1 = off (default)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling; default: a fresh one")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at EOS / end-of-turn tokens: always generate --max-new-tokens")
+    add_runtime_args(p)
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if args.raw and args.prompt is None:
+        p.error("--raw only applies to a one-shot --prompt")
+    return args
+
+
+class Chat:
+    """The conversation, the decoder (with its KV cache) and the decoding settings."""
+
+    def __init__(self, model, tokenizer, args: argparse.Namespace):
+        self.tokenizer, self.args = tokenizer, args
+        self.sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty).check()
+        self.decoder = Decoder(model)
+        self.generator = None
+        if args.temperature > 0:
+            seed = args.seed if args.seed is not None else torch.seed()
+            self.generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+        if not args.raw:
+            resolve_template(tokenizer, args.template)  # fail now, not at the first message
+        self.stop_ids = [] if args.ignore_eos else stop_ids_for(tokenizer, args.template)
+        self.messages: list[dict] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.args.system}] if self.args.system else []
+
+    def prompt_ids(self, user: str) -> list[int]:
+        if self.args.raw:
+            return self.tokenizer.encode(user)
+        text = render_chat(self.messages + [{"role": "user", "content": user}], self.tokenizer,
+                           self.args.template, add_generation_prompt=True)
+        # as transformers' apply_chat_template: templates write BOS themselves when the model wants one
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def reply(self, user: str, out) -> str:
+        """Stream the reply to `out`; report speed on stderr; remember the turn."""
+        ids = self.prompt_ids(user)
+        stream = TextStream(self.tokenizer)
+        t0 = time.perf_counter()
+        t_first, n = None, 0
+        for tok in self.decoder.stream(ids, self.args.max_new_tokens, self.sampling, self.stop_ids,
+                                       self.generator):
+            n += 1
+            if t_first is None:
+                t_first = time.perf_counter()
+            out.write(stream.push(tok))
+            out.flush()
+        out.write(stream.flush() + "\n")
+        out.flush()
+        t1 = time.perf_counter()
+        # decode speed: tokens after the first, over the time after it (the first waits for the prefill)
+        rate = (n - 1) / (t1 - t_first) if n > 1 and t1 > t_first else float("nan")
+        first = f"{(t_first or t1) - t0:.2f}s"
+        print(f"[{n} tokens, {rate:.1f} tok/s; prompt {len(ids)} tokens, first token after {first}]",
+              file=sys.stderr, flush=True)
+        text = stream.text()
+        self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+        return text
+
+
+def interactive(chat: Chat) -> None:
+    print("chat: /reset starts over, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            user = input("\n>>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        cmd = user.strip()
+        if not cmd:
+            continue
+        if cmd == "/exit":
+            return
+        if cmd == "/reset":
+            chat.reset()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if cmd.startswith("/") and " " not in cmd:
+            print(f"unknown command {cmd}: /reset starts over, /exit quits", file=sys.stderr)
+            continue
+        try:
+            chat.reply(user, sys.stdout)
+        except UserError as e:  # e.g. the conversation outgrew the context: say so and keep the session
+            print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply (it is not kept), not the session
+            print("\n(reply interrupted)", file=sys.stderr)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    model, tokenizer = load_for_inference(args.model, args.lora, args.dtype, args.device)
+    chat = Chat(model, tokenizer, args)
+    if args.prompt is not None:
+        chat.reply(args.prompt, sys.stdout)
+    else:
+        interactive(chat)
+
+
+def run() -> None:
+    run_cli(main)

@@ -1,0 +1,151 @@
+"""Evaluate a model: NLL per token and perplexity, exact-match accuracy, or multiple-choice accuracy.
+(`nanolisa eval ...` runs the same code as `python eval.py ...`.)
+
+    python eval.py                                       # NLL/perplexity of the built-in tiny model on demo:test
+    python eval.py --model out                           # ... of the model `python train.py` fine-tuned
+    python eval.py --model out --metric accuracy         # greedy replies vs the held-out answers (exact match)
+    python eval.py --model path/to/llama --lora out --data held_out.json --json
+    python eval.py --model path/to/llama --metric choice --data mmlu.jsonl   # {question, choices, answer}
+
+--metric nll (default) scores exactly the tokens training takes loss on (outputs / assistant turns; for
+text_only data every token after the first), reading --data the way train.py does: LMFlow's benchmark
+metric. --metric accuracy generates greedily from each prompt (text2text: the input; conversation: the
+conversation up to its last assistant turn) and compares with the expected answer after stripping spaces.
+--metric choice picks the most likely of each question's choices. Single process; CPU or one GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from nanolisa.cli.common import ArgumentParser, add_runtime_args, load_for_inference, run_cli
+from nanolisa.data import read_dataset, tokenize_dataset
+from nanolisa.errors import UserError
+from nanolisa.evaluate import exact_match, nll, perplexity, read_choice_file, score_choices
+from nanolisa.generate import stop_ids_for
+from nanolisa.runtime import set_threads
+from nanolisa.templates import render_chat
+
+METRICS = ("nll", "accuracy", "choice")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny",
+                   help="Hugging Face model directory, a LoRA adapter directory, or a preset name "
+                        "(default: %(default)s)")
+    p.add_argument("--lora", default=None, metavar="DIR", help="LoRA adapter directory to apply on top")
+    p.add_argument("--data", default=None,
+                   help="evaluation data in any format train.py reads (or 'demo:test'); for --metric choice "
+                        "a jsonl of {question, choices, answer}; default: demo:test (choice: required)")
+    p.add_argument("--metric", default="nll", choices=METRICS,
+                   help="nll: NLL per loss-bearing token and perplexity; accuracy: exact match of greedy "
+                        "replies; choice: multiple choice by log-likelihood (default: %(default)s)")
+    p.add_argument("--template", default=None,
+                   help="chat template for conversation data (preset name, .jinja file or Jinja string); "
+                        "default: the model's own; use the one you trained with")
+    p.add_argument("--train-on-prompt", action="store_true",
+                   help="nll: score prompts / user turns too (match train.py's flag)")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="nll: longer examples are truncated, as train.py --seq-len does; use the same value "
+                        "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="examples per forward pass; accuracy decodes prompts of equal length together "
+                        "(default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="accuracy: most tokens per generated answer (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples / questions")
+    p.add_argument("--json", action="store_true", help="print one JSON line of results to stdout")
+    add_runtime_args(p)
+    args = p.parse_args(argv)
+    for flag in ("seq_len", "batch_size", "max_new_tokens", "limit"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            p.error(f"--{flag.replace('_', '-')} {v}: must be >= 1")
+    if args.data is None:
+        if args.metric == "choice":
+            p.error("--metric choice needs --data FILE.jsonl with {question, choices, answer} lines")
+        args.data = "demo:test"
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def eval_nll(model, tokenizer, args) -> dict:
+    ds = read_dataset(args.data)
+    examples = tokenize_dataset(ds, tokenizer, seq_len=args.seq_len, template=args.template,
+                                train_on_prompt=args.train_on_prompt).examples[:args.limit]
+    total, n = nll(model, examples, args.batch_size, progress=True)
+    if n == 0:
+        raise UserError(f"{args.data}: no loss-bearing tokens to score (are the outputs empty?)")
+    return {"nll": total / n, "ppl": perplexity(total, n), "tokens": n, "examples": len(examples)}
+
+
+def accuracy_pairs(ds, tokenizer, template: str | None) -> tuple[list[list[int]], list[str]]:
+    """(prompt ids, expected answer) for each held-out example: exactly what the model was trained to see
+    before the answer."""
+    prompts, targets = [], []
+    if ds.type == "text2text":
+        # as data.py tokenizes text2text: the input with the tokenizer's special tokens but never its EOS
+        for inst in ds.instances:
+            ids = tokenizer.encode(inst["input"], add_special_tokens=True)
+            if tokenizer.adds_eos and ids and ids[-1] == tokenizer.eos_token_id:
+                ids = ids[:-1]
+            prompts.append(ids)
+            targets.append(inst["output"])
+    elif ds.type == "conversation":
+        for inst in ds.instances:
+            messages = ([{"role": "system", "content": inst["system"]}] if "system" in inst else []) + \
+                inst["messages"]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")  # data.py checks it exists
+            text = render_chat(messages[:last], tokenizer, template, add_generation_prompt=True,
+                               tools=inst.get("tools"))
+            prompts.append(tokenizer.encode(text, add_special_tokens=False))  # the template writes any BOS
+            targets.append(messages[last]["content"])
+    else:
+        raise UserError(f"{ds.source}: --metric accuracy needs text2text or conversation data (this is "
+                        f"{ds.type}); use --metric nll")
+    return prompts, targets
+
+
+def eval_accuracy(model, tokenizer, args) -> dict:
+    ds = read_dataset(args.data)
+    prompts, targets = accuracy_pairs(ds, tokenizer, args.template)
+    prompts, targets = prompts[:args.limit], targets[:args.limit]
+    stop = stop_ids_for(tokenizer, args.template)
+    correct, _ = exact_match(model, tokenizer, prompts, targets, args.max_new_tokens, stop, args.batch_size,
+                             progress=True)
+    return {"accuracy": correct / len(prompts), "correct": correct, "examples": len(prompts)}
+
+
+def eval_choice(model, tokenizer, args) -> dict:
+    items = read_choice_file(args.data)[:args.limit]
+    r = score_choices(model, tokenizer, items, args.batch_size, progress=True)
+    return {"accuracy": r["acc"], "accuracy_norm": r["acc_norm"], "examples": r["n"]}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    model, tokenizer = load_for_inference(args.model, args.lora, args.dtype, args.device)
+    t0 = time.perf_counter()
+    result = {"nll": eval_nll, "accuracy": eval_accuracy, "choice": eval_choice}[args.metric](model, tokenizer, args)
+    result = {"metric": args.metric, **result, "model": args.model, "lora": args.lora, "data": args.data,
+              "seconds": round(time.perf_counter() - t0, 3)}
+    if args.json:
+        print(json.dumps(result))
+    elif args.metric == "nll":
+        print(f"nll {result['nll']:.4f} per token, perplexity {result['ppl']:.3f} "
+              f"({result['tokens']} loss tokens in {result['examples']} examples of {args.data})")
+    else:
+        extra = f", length-normalised {result['accuracy_norm']:.4f}" if args.metric == "choice" else ""
+        print(f"{args.metric} {result['accuracy']:.4f}{extra} ({result.get('correct', '')}"
+              f"{'/' if 'correct' in result else ''}{result['examples']} examples of {args.data})")
+    sys.stdout.flush()
+
+
+def run() -> None:
+    run_cli(main)
