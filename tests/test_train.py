@@ -128,13 +128,19 @@ def test_schedule_warmup_then_cosine_to_min_lr():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] > 0.1
 
 
+def test_loss_plot_is_drawn(tmp_path):
+    pytest.importorskip("matplotlib", reason="the loss plot needs the optional plot extra")
+    out = tmp_path / "out"
+    train(TrainConfig(out=str(out), steps=4, interval=2, batch_size=4, seq_len=64, eval_every=2, quiet=True))
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_lora_run_writes_a_peft_adapter_and_a_merged_model(tmp_path):
     from nanolisa.lora import load_adapter
     out = tmp_path / "out"
     train(TrainConfig(out=str(out), method="lora", steps=4, batch_size=4, seq_len=64, eval_every=2, merge=True,
-                      quiet=True))
+                      plot=False, quiet=True))
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
-    assert (out / "loss.png").stat().st_size > 0
     base, _ = nanolisa.load_pretrained("tiny")
     adapted = load_adapter(base, str(out)).eval()
     merged = nanolisa.load_model(str(out / "merged")).eval()
