@@ -403,9 +403,11 @@ class Batches:
 
     * Each epoch e is shuffled with its own generator seeded by (seed, e), never the global RNG, so every
       rank computes the same order and a resumed run replays it exactly.
-    * Data-parallel sharding: the epoch's order (or, when packing, its packed rows) is cut to a multiple of
-      world_size and rank r takes items r, r+W, r+2W, ...: ranks see disjoint examples and the same number
-      of batches (at most W-1 items per epoch are skipped, different ones each epoch).
+    * Data-parallel sharding: rank r of W takes rows r, r+W, r+2W, ... of the epoch's order (or, when
+      packing, of its packed rows). So global batch k of W ranks with batch size B holds exactly the rows
+      of batch k of one rank with batch size W*B, and the run trains on the same data either way. When the
+      rows do not divide by W, the last ones are filled up with empty rows (all padding, no loss): no
+      example is dropped, and every rank has the same number of batches.
     * Without packing a batch is as long as its longest example; padding gets label IGNORE_INDEX, position_ids None.
     * With packing, examples are laid end to end into rows of exactly seq_len tokens (an example never
       straddles two rows); position_ids restart at 0 at each example so the model keeps documents apart.
@@ -448,7 +450,7 @@ class Batches:
                 rows.append(cur)
         else:
             rows = [[i] for i in order]
-        rows = rows[: len(rows) // self.world_size * self.world_size]
+        rows += [[] for _ in range(-len(rows) % self.world_size)]  # empty rows: padding only, no loss
         return rows[self.rank::self.world_size]
 
     def _plan(self, epoch: int) -> list[list[list[int]]]:
@@ -463,7 +465,7 @@ class Batches:
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
         if not self.pack:
-            rows = len(self.data.examples) // self.world_size
+            rows = -(-len(self.data.examples) // self.world_size)
         else:
             rows = len(self._rows(0))  # packing: the count can vary slightly between epochs; epoch 0's
         return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
@@ -485,10 +487,12 @@ class Batches:
                     t += len(a)
                 pos[r, t:] = torch.arange(T - t)  # the padding tail is its own (loss-free) document
             return {"input_ids": ids, "labels": labels, "position_ids": pos}
-        T = max(len(ex[row[0]][0]) for row in batch_rows)
+        T = max([len(ex[row[0]][0]) for row in batch_rows if row] or [1])
         ids = torch.full((len(batch_rows), T), self.pad_id, dtype=torch.long)   # (B, T)
         labels = torch.full((len(batch_rows), T), IGNORE_INDEX, dtype=torch.long)
         for r, row in enumerate(batch_rows):
+            if not row:
+                continue  # an empty row that evens out the ranks
             a, b = ex[row[0]]
             ids[r, :len(a)] = torch.tensor(a)
             labels[r, :len(b)] = torch.tensor(b)

@@ -224,6 +224,31 @@ def test_sharding_disjoint_and_equal(tok, pack):
     assert not (sets[0] & sets[1]) and not (sets[1] & sets[2]) and not (sets[0] & sets[2])
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_ranks_together_see_the_global_batches_of_one_rank(tok, pack):
+    """Batch k of 3 ranks with batch size 2 holds the rows of batch k of 1 rank with batch size 6; the
+    examples that do not divide by 3 are kept, the ranks evened out with loss-free padding rows."""
+    data = make_data(tok, n=23)
+
+    def real_rows(batch):  # (tokens, labels) of the rows that hold an example, without the padding tail
+        rows = []
+        for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+            while ids and ids[-1] == tok.pad_token_id and labels[-1] == -100:
+                ids, labels = ids[:-1], labels[:-1]
+            if any(x != -100 for x in labels):
+                rows.append((tuple(ids), tuple(labels)))
+        return sorted(rows)
+
+    pad = tok.pad_token_id
+    one = [real_rows(b) for b in Batches(data, 6, seed=1, pack=pack, pad_id=pad).epoch(0)]
+    ranks = [list(Batches(data, 2, seed=1, rank=r, world_size=3, pack=pack, pad_id=pad).epoch(0)) for r in range(3)]
+    assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == len(one)
+    for k in range(len(one)):
+        assert sorted(sum((real_rows(r[k]) for r in ranks), [])) == one[k]
+    if not pack:
+        assert sum(len(b) for b in one) == 23  # every example, none dropped
+
+
 def test_resume_continues_exact_order(tok):
     data = make_data(tok)
     ref = Batches(data, 4, seed=5)
