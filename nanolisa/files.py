@@ -72,14 +72,21 @@ def copy_file(src: str, dst: str) -> None:
         shutil.copyfileobj(g, f)
 
 
-@contextmanager
-def staging_dir(out_dir: str, prefix: str = ".tmp-save-") -> Iterator[str]:
-    """A fresh temporary directory beside out_dir (same file system, so it can be renamed into place),
-    with umask permissions; removed with everything in it if the block raises."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
+def new_staging_dir(out_dir: str, prefix: str = ".tmp-save-") -> str:
+    """A fresh temporary directory with umask permissions, on the same file system as out_dir so it can be
+    renamed into place: inside out_dir when that exists (a later run finds and removes what a killed one
+    left there), else beside it."""
+    parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+@contextmanager
+def staging_dir(out_dir: str, prefix: str = ".tmp-save-") -> Iterator[str]:
+    """new_staging_dir, removed with everything in it if the block raises."""
+    tmp = new_staging_dir(out_dir, prefix)
     try:
         yield tmp
     except BaseException:
@@ -99,7 +106,7 @@ def install_dir(tmp: str, out_dir: str, stale: Callable[[str], bool] = lambda na
         os.replace(tmp, out_dir)
         return
     new = set(os.listdir(tmp))
-    for name in os.listdir(out_dir):
+    for name in os.listdir(out_dir):  # (tmp itself may sit in out_dir: its .tmp- name is never stale)
         if name not in new and stale(name) and os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     for name in sorted(new, key=lambda n: n == last):

@@ -325,8 +325,10 @@ def _peft_target_modules(model: nn.Module) -> list[str]:
     return leaves if picked == wrapped else sorted(wrapped)
 
 
-def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str) -> None:
-    """Write the adapter as peft does (adapter_config.json + adapter_model.safetensors), atomically."""
+def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str, writer: bool = True) -> None:
+    """Write the adapter as peft does (adapter_config.json + adapter_model.safetensors), atomically.
+    Under FSDP2 every rank calls this (the adapter tensors are gathered from their shards); only the
+    `writer` writes."""
     mods = lora_modules(model)
     if not mods:
         raise UserError("the model has no LoRA adapters to save (call apply_lora or load_adapter first)")
@@ -342,6 +344,8 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str) -
             t = t.t()
         # .clone(): safetensors refuses tensors sharing memory (a tied lm_head and embedding).
         tensors[PEFT_PREFIX + name] = t.contiguous().clone().cpu()
+    if not writer:
+        return
     is_gpt2 = bool(getattr(getattr(root, "config", None), "is_gpt2", False))
     config = {
         "peft_type": "LORA",

@@ -18,17 +18,22 @@ checkpoint behind.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
-from typing import Any, Iterator
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from nanolisa.config import CONFIG_DTYPES, ModelConfig, read_config, to_dtype
 from nanolisa.errors import UserError
 from nanolisa.files import install_dir, read_json, staging_dir, write_json
 from nanolisa.model import CausalLM, build_model
+from nanolisa.parallel import full_tensor
 from nanolisa.presets import PRESETS, load_preset
 from nanolisa.tokenizer import load_tokenizer
 
@@ -149,40 +154,85 @@ def load_pretrained(path: str, dtype: str | torch.dtype | None = None,
 # Writing
 
 
-def hf_state_dict(model: CausalLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The model's tensors under the checkpoint's names and layout (tied head dropped, Conv1D transposed)."""
+# safetensors' names of the dtypes a checkpoint holds.
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+@dataclass
+class OutTensor:
+    """One tensor of the checkpoint to write: its name, shape and dtype there, and how to read it."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]  # the tensor in the checkpoint's layout, on the CPU
+    sharded: bool  # read() gathers FSDP2 shards: a collective every rank must join
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def hf_tensors(model: CausalLM, dtype: torch.dtype | None = None) -> list[OutTensor]:
+    """The model's tensors under the checkpoint's names and layout (tied head dropped, Conv1D transposed),
+    read one at a time when written, so a save never holds a second copy of the whole model."""
     cfg = model.config
-    out = {}
+    out = []
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        if cfg.is_gpt2 and name.endswith(CONV1D):
-            t = t.t()
-        out[name] = t.detach().to(dtype or t.dtype).contiguous()
+        conv1d = cfg.is_gpt2 and name.endswith(CONV1D)
+        shape = tuple(t.shape[::-1]) if conv1d else tuple(t.shape)
+        out_dtype = dtype or t.dtype
+
+        def read(t=t, conv1d=conv1d, out_dtype=out_dtype) -> torch.Tensor:
+            full = full_tensor(t.detach())
+            return (full.t() if conv1d else full).to(device="cpu", dtype=out_dtype).contiguous()
+        out.append(OutTensor(name, shape, out_dtype, read, isinstance(t, DTensor)))
     return out
 
 
-def _write_weights(sd: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def write_safetensors(path: str, tensors: list[OutTensor], metadata: dict[str, str]) -> None:
+    """A safetensors file written tensor by tensor: the header (names, dtypes, shapes, byte offsets) is
+    known before any tensor is read, so only one tensor is in memory at a time.
+    Format: 8-byte little-endian header length, the JSON header (padded with spaces to 8 bytes), the data."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors:
+            data = t.read()
+            assert tuple(data.shape) == t.shape and data.dtype == t.dtype, t.name
+            f.write(data.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _write_weights(tensors: list[OutTensor], out_dir: str, max_shard_bytes: int) -> None:
+    """model.safetensors, or shards of at most max_shard_bytes plus model.safetensors.index.json."""
+    shards: list[list[OutTensor]] = [[]]
     size = 0
-    for name, t in sd.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = t
-        size += nbytes
+        shards[-1].append(t)
+        size += t.nbytes
+    meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(os.path.join(out_dir, "model.safetensors"), shards[0], meta)
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.numel() * t.element_size() for t in sd.values())
+        write_safetensors(os.path.join(out_dir, fname), shard, meta)
+        weight_map.update({t.name: fname for t in shard})
     write_json(os.path.join(out_dir, "model.safetensors.index.json"),
-               {"metadata": {"total_size": total}, "weight_map": weight_map})
+               {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map})
 
 
 def _is_weight_file(name: str) -> bool:
@@ -191,12 +241,20 @@ def _is_weight_file(name: str) -> bool:
 
 
 def save_pretrained(model: CausalLM, tokenizer, out_dir: str, dtype: str | torch.dtype | None = None,
-                    max_shard_bytes: int = SHARD_BYTES) -> None:
-    """Write model (and tokenizer, if given) as a Hugging Face directory that transformers loads as-is."""
+                    max_shard_bytes: int = SHARD_BYTES, writer: bool = True) -> None:
+    """Write model (and tokenizer, if given) as a Hugging Face directory that transformers loads as-is.
+
+    Under FSDP2 every rank calls this: the full tensors are gathered from the shards one at a time, and
+    only the `writer` (rank 0) writes them."""
     dtype = to_dtype(dtype) or model.lm_head.weight.dtype
-    sd = hf_state_dict(model, dtype)
+    tensors = hf_tensors(model, dtype)
+    if not writer:
+        for t in tensors:
+            if t.sharded:
+                t.read()  # take part in the gather; rank 0 writes
+        return
     with staging_dir(out_dir) as tmp:
-        _write_weights(sd, tmp, max_shard_bytes)
+        _write_weights(tensors, tmp, max_shard_bytes)
         cfg = model.config.to_hf(str(dtype).removeprefix("torch."))
         gen = getattr(model, "generation_config", None) or {
             k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}

@@ -17,7 +17,9 @@ from nanolisa.presets import RECIPES
 METHODS = ("lisa", "lora", "full")
 SCHEDULES = ("cosine", "linear", "constant")
 # Settings that may change when a run is resumed; any other difference means it is not the same run.
-RESUMABLE_CHANGES = {"resume", "save_every", "eval_every", "log", "out", "plot", "device", "threads", "quiet"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "log", "out", "plot", "device", "threads",
+                     "quiet"}
+PARALLEL = ("fsdp", "ddp")
 
 
 @dataclass
@@ -60,6 +62,8 @@ class TrainConfig:
     eval_every: int = -1  # -1: ten evaluations over the run
     save_every: int = -1  # -1: ten checkpoints over the run
     resume: bool = False
+    overwrite: bool = False
+    parallel: str | None = None  # None: fsdp under torchrun with several ranks
     log: str | None = None
     plot: bool = True
     device: str | None = None
@@ -82,6 +86,8 @@ class TrainConfig:
             raise UserError(f"--lisa-layers must be >= 0, got {self.lisa_layers}")
         if self.interval < 1:
             raise UserError(f"--interval must be >= 1, got {self.interval}")
+        if self.parallel is not None and self.parallel not in PARALLEL:
+            raise UserError(f"unknown --parallel {self.parallel!r}: choose one of {', '.join(PARALLEL)}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown --schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.dtype is not None and self.dtype not in DTYPES:

@@ -1,29 +1,38 @@
-"""The training loop behind train.py: full fine-tuning, LISA or LoRA, with exact resume.
+"""The training loop behind train.py: full fine-tuning, LISA or LoRA, on one process or many, with exact resume.
 
-One optimizer step, in order (the loop in `train` has one comment per stage):
+One optimizer step, in order (the loop in `run` has one comment per stage):
   1. LISA: every `interval` steps sample new active blocks (nanolisa/lisa.py); frozen blocks lose their
-     gradients and optimizer state at once, so memory stays flat.
+     gradients and optimizer state at once, so memory stays flat. Under DDP the wrapper is rebuilt over
+     the blocks that train now (nanolisa/parallel.py).
   2. Set the learning rate from the schedule (linear warmup, then cosine / linear decay to min_lr, or constant).
   3. Forward and backward over `grad_accum` micro-batches. The loss is the mean over every loss-bearing
-     token of the whole step (not a mean of per-batch means), so accumulation equals one big batch.
+     token of the whole step on every rank (the token count is all-reduced; not a mean of per-batch or
+     per-rank means), so accumulation and more ranks equal one big batch.
   4. Stop on a non-finite loss, before it reaches the weights.
   5. Clip the global gradient norm, AdamW step (nanolisa/adamw.py), drop the gradients.
   6. Log; now and then evaluate on held-out data and write a resume checkpoint (nanolisa/resume.py).
 The finished run writes a Hugging Face model directory (or a PEFT adapter) to --out.
 
-One process, one device. The seams for several processes: the data is served per (rank, world_size)
-by `Batches`, LISA's sampler has its own seeded RNG so every rank would draw the same blocks, and the
-token count of step 3 is the one number ranks would have to agree on.
+Several processes (`torchrun`): the same loop runs on every rank, each on its slice of every global batch
+(nanolisa/data.py), with the model sharded by FSDP2 or replicated by DDP (nanolisa/parallel.py). Rank 0
+alone prints progress and writes metrics, the plot and the final model; checkpoints are written by all
+ranks together. SIGTERM (how schedulers pre-empt a job) finishes the current step on every rank, writes a
+checkpoint and exits, so --resume continues bit-exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
+import signal
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from nanolisa.adamw import AdamW
 from nanolisa.config import DTYPES
@@ -31,93 +40,156 @@ from nanolisa.data import Batches, read_dataset, tokenize_dataset
 from nanolisa.errors import UserError
 from nanolisa.evaluate import nll
 from nanolisa.lisa import LISA
-from nanolisa.lora import apply_lora, mark_only_lora_trainable, merge_lora, save_adapter
+from nanolisa.lora import apply_lora, load_adapter, mark_only_lora_trainable, merge_lora, save_adapter
 from nanolisa.loss import count_loss_tokens, next_token_nll
+from nanolisa.parallel import (World, all_sum, barrier, broadcast, check_same_on_all_ranks, close_world, grad_norm,
+                               init_world, launched_world, replicate, shard)
 from nanolisa.plot import plot_run
 from nanolisa.pretrained import load_pretrained, save_pretrained
 from nanolisa.progress import MetricsLog, Progress
 from nanolisa.resume import (CHECKPOINTS, find_resume_checkpoint, load_checkpoint, remove_checkpoints,
                              save_checkpoint)
-from nanolisa.runtime import autocast, default_dtype, pick_device, set_threads
+from nanolisa.run_dir import RunDir
+from nanolisa.runtime import autocast, default_dtype, set_threads
 from nanolisa.train_config import TrainConfig
+
+
+class Preempted(Exception):
+    """SIGTERM stopped the run after a checkpoint; --resume continues it."""
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run the whole fine-tune described by cfg; returns the final metrics."""
-    # Settings; --out is checked before anything is loaded or written.
     cfg = cfg.with_defaults()
     cfg.validate()
-    resume_from = find_resume_checkpoint(cfg)
-    device = pick_device(cfg.device)
+    world = launched_world()
+    if world.distributed:
+        cfg = dataclasses.replace(cfg, parallel=cfg.parallel or "fsdp")
+        if cfg.parallel == "fsdp" and cfg.dtype == "fp16":
+            raise UserError("--dtype fp16 is not supported with --parallel fsdp (no loss scaling there); "
+                            "use --dtype bf16")
+    elif cfg.parallel:
+        print(f"note: --parallel {cfg.parallel} does nothing in a single process; start with torchrun",
+              file=sys.stderr)
+    run_dir = RunDir(cfg) if world.is_main else None
+    finished = False
+    try:
+        if run_dir:
+            run_dir.open()  # --out checked, created and locked before any model or data is loaded
+        world, device = init_world(cfg.device)
+        final = run(cfg, world, device)
+        finished = True
+        return final
+    finally:
+        if run_dir:
+            run_dir.close(finished)
+        close_world()
+
+
+@dataclass
+class Step:
+    """What one optimizer step works with."""
+    cfg: TrainConfig
+    world: World
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: AdamW
+    lisa: LISA | None
+    amp: object  # the autocast context (or nullcontext)
+    scaler: torch.amp.GradScaler | None
+    ddp: torch.nn.Module | None = None  # the DDP wrapper under --parallel ddp
+
+
+def run(cfg: TrainConfig, world: World, device: torch.device) -> dict:
+    """Set up the model, data and optimizer, then train: the loop, one comment per stage."""
     set_threads(cfg.threads)
+    resume_from = broadcast(find_resume_checkpoint(cfg, world) if world.is_main else None, world)
     amp_dtype = DTYPES[cfg.dtype or default_dtype(device)]
-    amp = autocast(device, amp_dtype)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    # FSDP2 on GPUs runs bf16/fp16 through its own mixed-precision policy; elsewhere autocast does.
+    mp_dtype = amp_dtype if cfg.parallel == "fsdp" and device.type == "cuda" and amp_dtype != torch.float32 else None
+    amp = nullcontext() if mp_dtype else autocast(device, amp_dtype)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 and not mp_dtype else None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    # Model in fp32 (autocast runs the matmuls in bf16/fp16 when asked), then which parameters train.
+    # Model in fp32 (mixed precision runs the matmuls in bf16/fp16 when asked), then which parameters
+    # train, then (several ranks) how the ranks share it.
     model, tokenizer = load_pretrained(cfg.model, dtype=torch.float32, device=device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     lisa = setup_method(model, cfg)
+    torch.manual_seed(cfg.seed + world.rank)  # initialisation is the same on every rank, dropout is not
+    if cfg.parallel == "fsdp":
+        shard(model, mp_dtype)
     model.train()
 
-    batches, eval_examples = load_data(cfg, tokenizer)
+    batches, eval_examples = load_data(cfg, tokenizer, world)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(batches) / cfg.grad_accum))
     eval_every = every(cfg.eval_every, total) if eval_examples is not None else 0
     save_every = every(cfg.save_every, total)
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = load_checkpoint(resume_from, model, optimizer, lisa, batches) if resume_from else 0
+    start = load_checkpoint(resume_from, model, optimizer, lisa, batches, world) if resume_from else 0
+    s = Step(cfg, world, device, model, optimizer, lisa, amp, scaler)
 
     # While the run lasts its metrics live beside its checkpoints, so a run that fails leaves an earlier
     # run's files in --out untouched; the finished run moves them to --out/metrics.jsonl.
     log = MetricsLog(cfg.log or os.path.join(cfg.out, CHECKPOINTS, "metrics.jsonl"),
-                     resume_step=start if resume_from else None)
-    progress = Progress(total, start, cfg.quiet)
-    data = iter(batches)
+                     resume_step=start if resume_from else None) if world.is_main else None
+    progress = Progress(total, start, cfg.quiet or not world.is_main)
+    data, sigterm = iter(batches), SigtermFlag()
     last_checkpoint = resume_from
-    if eval_every and start == 0:
+    if eval_every and start == 0 and log:
         log.write({"step": 0, "eval_loss": held_out_loss(model, eval_examples, cfg.batch_size, amp)})
     clock = time.perf_counter()
     for step in range(start, total):
-        # 1. LISA: re-sample the active blocks every `interval` steps.
-        if lisa:
-            lisa.maybe_switch(step, optimizer)
+        # 1. LISA: re-sample the active blocks every `interval` steps (the same on every rank).
+        switched = lisa.maybe_switch(step, optimizer) if lisa else False
+        if step == start and lisa:
+            check_same_on_all_ranks(lisa.active, world, "LISA's active blocks")
+        if cfg.parallel == "ddp" and (s.ddp is None or switched):
+            s.ddp = replicate(model, first=s.ddp is None)
         # 2. Learning rate from the schedule.
         lr = lr_at(step, total, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # 3. Forward and backward over the micro-batches of this step.
+        # 3. Forward and backward over the micro-batches of this step, on every rank.
         micro = [next(data) for _ in range(cfg.grad_accum)]
-        loss = forward_backward(model, micro, device, amp, scaler)
+        local_loss = forward_backward(s, micro)
+        loss, stop = all_sum([local_loss, float(sigterm.raised)], world, device)  # one sync per step
         # 4. A non-finite loss never reaches the weights.
         if not math.isfinite(loss):
             progress.close()
-            kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
-            raise UserError(f"loss became {loss} at step {step + 1}; stopped ({kept}). "
+            raise UserError(f"loss became {loss} at step {step + 1}; stopped ({kept(last_checkpoint)}). "
                             f"Try a lower --lr or --dtype fp32/bf16")
         # 5. Clip, update, drop the gradients.
-        grad_norm = update(model, optimizer, scaler, cfg.clip)
+        norm = update(s)
         # 6. Log, evaluate, checkpoint.
         done, now = step + 1, time.perf_counter()
-        tokens_per_s = sum(b["input_ids"].numel() for b in micro) / max(now - clock, 1e-9)
+        tokens_per_s = world.world_size * sum(b["input_ids"].numel() for b in micro) / max(now - clock, 1e-9)
         clock = now
-        row = {"step": done, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-               "tokens_per_s": round(tokens_per_s, 1), **({"active": list(lisa.active)} if lisa else {})}
-        log.write(row)
+        if log:
+            log.write({"step": done, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm, 6),
+                       "tokens_per_s": round(tokens_per_s, 1), **({"active": list(lisa.active)} if lisa else {})})
         progress.update(done, {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:.0f}",
                                **({"active": lisa.active} if lisa else {})})
         if eval_every and (done % eval_every == 0 or done == total):
             eval_loss = held_out_loss(model, eval_examples, cfg.batch_size, amp)
-            log.write({"step": done, "eval_loss": eval_loss})
+            if log:
+                log.write({"step": done, "eval_loss": eval_loss})
             progress.write(f"step {done}: eval_loss={eval_loss:.4f}")
-        if save_every and done % save_every == 0 and done < total:
-            last_checkpoint = save_checkpoint(cfg.out, done, model, optimizer, lisa, batches, cfg)
+        if done < total and (stop or save_every and done % save_every == 0):
+            check_finite_weights(model, world, device, done, last_checkpoint)
+            last_checkpoint = save_checkpoint(cfg.out, done, model, optimizer, lisa, batches, cfg, world)
+            if stop:
+                progress.close()
+                raise Preempted(f"stopped by SIGTERM after step {done}; {last_checkpoint} holds the run: "
+                                f"continue it with the same command plus --resume")
     progress.close()
-    log.close()
+    if log:
+        log.close()
 
-    finish(model, tokenizer, cfg, log, lisa, total)
-    return summary(log.rows)
+    check_finite_weights(model, world, device, total, last_checkpoint)
+    finish(model, tokenizer, cfg, log, lisa, total, world)
+    return summary(log.rows) if log else {}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,15 +209,16 @@ def setup_method(model, cfg: TrainConfig) -> LISA | None:
     return None
 
 
-def load_data(cfg: TrainConfig, tokenizer) -> tuple[Batches, list | None]:
-    """The training batches, and the held-out examples (None without held-out data)."""
+def load_data(cfg: TrainConfig, tokenizer, world: World) -> tuple[Batches, list | None]:
+    """This rank's training batches, and the held-out examples (None without held-out data)."""
     tok_args = dict(seq_len=cfg.seq_len, template=cfg.template, train_on_prompt=cfg.train_on_prompt)
     train_data = tokenize_dataset(read_dataset(cfg.data), tokenizer, **tok_args)
-    if train_data.num_truncated:
+    if train_data.num_truncated and world.is_main:
         print(f"note: {train_data.num_truncated} of {len(train_data.examples)} examples were longer than "
               f"--seq-len {cfg.seq_len} and were truncated", file=sys.stderr)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    batches = Batches(train_data, cfg.batch_size, seed=cfg.seed, shuffle=True, pack=cfg.pack, pad_id=pad_id)
+    batches = Batches(train_data, cfg.batch_size, seed=cfg.seed, shuffle=True, pack=cfg.pack, pad_id=pad_id,
+                      rank=world.rank, world_size=world.world_size)
     eval_path = cfg.eval_data or (cfg.data + ":test" if cfg.data in ("demo", "demo:conversation") else None)
     if not eval_path or cfg.eval_every == 0:
         return batches, None
@@ -176,59 +249,109 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * decay
 
 
-def forward_backward(model, micro: list[dict], device: torch.device, amp, scaler) -> float:
-    """Accumulate the gradients of one optimizer step over its micro-batches; returns the step's loss,
-    the mean NLL over all its loss-bearing tokens."""
-    n_tokens = max(sum(count_loss_tokens(b["labels"]) for b in micro), 1)
-    total = torch.zeros((), device=device)
-    for b in micro:
-        position_ids = b["position_ids"].to(device) if b["position_ids"] is not None else None
-        with amp:
-            loss = next_token_nll(model, b["input_ids"].to(device), b["labels"].to(device),
-                                  position_ids).sum() / n_tokens
-        (scaler.scale(loss) if scaler else loss).backward()
+def forward_backward(s: Step, micro: list[dict]) -> float:
+    """Accumulate the gradients of one optimizer step over this rank's micro-batches; returns this rank's
+    share of the step's loss (the shares of all ranks add up to the mean NLL over every loss-bearing token).
+
+    DDP and FSDP2 average gradients over the ranks; the loss is scaled by world_size so that the result is
+    the gradient of the global sum over the global token count. DDP skips its all-reduce on all but the
+    last micro-batch (no_sync): the gradients are summed locally first."""
+    n_tokens = torch.tensor(float(sum(count_loss_tokens(b["labels"]) for b in micro)), device=s.device)
+    if s.world.distributed:
+        dist.all_reduce(n_tokens)  # the global count stays on the device: no host sync
+    scale = s.world.world_size / n_tokens.clamp(min=1)
+    module = s.ddp or s.model
+    total = torch.zeros((), device=s.device)
+    for i, b in enumerate(micro):
+        position_ids = b["position_ids"].to(s.device) if b["position_ids"] is not None else None
+        sync = s.ddp.no_sync() if s.ddp is not None and i < len(micro) - 1 else nullcontext()
+        with sync:
+            with s.amp:
+                loss = next_token_nll(module, b["input_ids"].to(s.device), b["labels"].to(s.device),
+                                      position_ids).sum() * scale
+            (s.scaler.scale(loss) if s.scaler else loss).backward()
         total += loss.detach()
-    return float(total)  # the one host sync of the step
+    return float(total) / s.world.world_size
 
 
-def update(model, optimizer: AdamW, scaler, clip: float) -> float:
-    """Clip the gradient norm (clip 0: no clipping), take the AdamW step, drop the gradients; returns the
-    gradient norm before clipping (nan when not clipping)."""
-    if scaler:
-        scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if clip > 0 else float("nan")
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
+def update(s: Step) -> float:
+    """Clip the gradient norm (--clip 0: no clipping), take the AdamW step, drop the gradients; returns the
+    global gradient norm before clipping (nan when not clipping)."""
+    if s.scaler:
+        s.scaler.unscale_(s.optimizer)
+    norm = float("nan")
+    if s.cfg.clip > 0:
+        params = [p for p in s.model.parameters() if p.grad is not None]
+        total = grad_norm(params)
+        torch.nn.utils.clip_grads_with_norm_(params, s.cfg.clip, total)
+        norm = float(total)
+    if s.scaler:
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
     else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+        s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def held_out_loss(model, examples, batch_size: int, amp) -> float:
-    """Mean loss per loss-bearing token over the held-out examples (the metric eval.py reports)."""
+    """Mean loss per loss-bearing token over the held-out examples (the metric eval.py reports). Every
+    rank scores all of them: FSDP2 needs every rank in every forward pass."""
     with amp:
         total, count = nll(model, examples, batch_size)
     return total / max(count, 1)
 
 
-def finish(model, tokenizer, cfg: TrainConfig, log: MetricsLog, lisa: LISA | None, total: int) -> None:
+def kept(last_checkpoint: str | None) -> str:
+    return f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+
+
+def check_finite_weights(model, world: World, device: torch.device, step: int, last_checkpoint: str | None) -> None:
+    """Refuse to save weights holding inf or NaN (a finite loss can still end in a non-finite update)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    bad = sum(float(not torch.isfinite(p.detach()).all()) for p in local)
+    if all_sum([bad], world, device)[0]:
+        raise UserError(f"the weights became inf/NaN by step {step}; nothing was saved from them "
+                        f"({kept(last_checkpoint)}). Try a lower --lr")
+
+
+class SigtermFlag:
+    """Remembers a SIGTERM (how schedulers pre-empt a job) instead of dying at once: the loop finishes its
+    step, writes a checkpoint and stops, on every rank together."""
+
+    def __init__(self):
+        self.raised = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. train() called from a worker thread): keep the default
+            pass
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+
+def finish(model, tokenizer, cfg: TrainConfig, log: MetricsLog | None, lisa: LISA | None, total: int,
+           world: World) -> None:
     """Write the result: a Hugging Face model directory in --out (a PEFT adapter for LoRA, plus the merged
-    model with --merge), the metrics and the loss plot; then remove the run's resume checkpoints."""
+    model with --merge), the metrics and the loss plot; then remove the run's resume checkpoints. Every
+    rank takes part (FSDP2 gathers each tensor from the shards); rank 0 writes."""
+    main = world.is_main
     if cfg.method == "lora":
-        save_adapter(model, cfg.out, base_model_name_or_path=cfg.model)
-        if cfg.merge:
+        save_adapter(model, cfg.out, base_model_name_or_path=cfg.model, writer=main)
+        if cfg.merge and main:
+            if cfg.parallel == "fsdp":  # the model is in shards: merge the adapter just written into the base
+                model = load_adapter(load_pretrained(cfg.model, dtype=torch.float32)[0], cfg.out)
             save_pretrained(merge_lora(model), tokenizer, os.path.join(cfg.out, "merged"))
     else:
-        save_pretrained(model, tokenizer, cfg.out)
-    if not cfg.log:
-        os.replace(log.path, os.path.join(cfg.out, "metrics.jsonl"))
-    remove_checkpoints(cfg.out)
-    if cfg.plot:
-        plot_run(log.rows, lisa.history if lisa else [], len(model.blocks), total,
-                 os.path.join(cfg.out, "loss.png"))
+        save_pretrained(model, tokenizer, cfg.out, writer=main)
+    if main:
+        if not cfg.log:
+            os.replace(log.path, os.path.join(cfg.out, "metrics.jsonl"))
+        remove_checkpoints(cfg.out)
+        if cfg.plot:
+            plot_run(log.rows, lisa.history if lisa else [], len(model.blocks), total,
+                     os.path.join(cfg.out, "loss.png"))
+    barrier(world)
 
 
 def summary(rows: list[dict]) -> dict:

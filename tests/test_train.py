@@ -156,7 +156,7 @@ def test_a_failing_run_leaves_the_earlier_result_in_out_untouched(tmp_path):
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     assert "metrics.jsonl" in before and "model.safetensors" in before
     p = run_train("--steps", "6", "--lr", "1e30", "--clip", "0", "--save-every", "1", "--eval-every", "0", *QUICK,
-                  "--out", str(out), check=False)
+                  "--out", str(out), "--overwrite", check=False)
     assert p.returncode == 2 and "loss became" in p.stderr
     assert {f: (out / f).read_bytes() for f in os.listdir(out) if f != "checkpoints"} == before
 

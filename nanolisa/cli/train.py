@@ -5,6 +5,7 @@ Usage (`nanolisa train ...` runs the same code as `python train.py ...`):
   python train.py --model path/to/llama --data alpaca.json --lisa-layers 2 --interval 20 --steps 1000
   python train.py --method lora --lora-r 8 --lora-alpha 16 --merge --model path/to/llama --data chats.jsonl
   python train.py --resume --out out                  # continue an interrupted run, bit-for-bit
+  torchrun --standalone --nproc_per_node 4 train.py --model path/to/llama --data chats.jsonl   # 4 GPUs, FSDP2
 
 The final model is written to --out as a Hugging Face directory (transformers, vLLM and llama.cpp's
 converter load it as-is), or as a PEFT adapter for --method lora; resumable checkpoints go to
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from nanolisa.cli.common import ArgumentParser, add_runtime_args, run_cli
 from nanolisa.presets import RECIPES
 from nanolisa.runtime import return_freed_memory_to_os
 from nanolisa.train_config import TrainConfig
-from nanolisa.trainer import train
+from nanolisa.trainer import Preempted, train
 
 TINY = RECIPES["tiny"]
 
@@ -101,7 +103,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     g.add_argument("--save-every", type=int, default=d.save_every, help="write a resumable checkpoint every "
                    "N steps, 0 = never, -1 = ten times per run; a finished run removes its checkpoints "
                    "(default: %(default)s)")
-    g.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out")
+    g.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out "
+                   "(in a new or empty --out it starts the run)")
+    g.add_argument("--overwrite", action="store_true", help="train into a non-empty --out (a finished run, "
+                   "other files): the files nanolisa writes are replaced, any others kept")
+    g.add_argument("--parallel", default=None, help="under torchrun with several processes: fsdp (shard "
+                   "weights, gradients and AdamW state across the ranks) or ddp (replicate the model) "
+                   "(default: fsdp)")
     g.add_argument("--log", default=None, help="metrics jsonl path (default: "
                    "--out/checkpoints/metrics.jsonl while the run lasts, --out/metrics.jsonl once it finishes)")
     g.add_argument("--no-plot", action="store_true", help="do not draw --out/loss.png")
@@ -117,8 +125,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     return_freed_memory_to_os()
-    final = train(cfg)
-    print(json.dumps(final))
+    try:
+        final = train(cfg)
+    except Preempted as e:
+        print(f"note: {e}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM: the job did not finish, as a scheduler expects
+    if final:  # rank 0
+        print(json.dumps(final))
 
 
 def run() -> None:
