@@ -45,6 +45,7 @@ from nanolisa.loss import count_loss_tokens, next_token_nll
 from nanolisa.parallel import (World, all_sum, barrier, broadcast, check_same_on_all_ranks, close_world, grad_norm,
                                init_world, launched_world, replicate, shard)
 from nanolisa.plot import plot_run
+from nanolisa.presets import PRESETS
 from nanolisa.pretrained import load_pretrained, save_pretrained
 from nanolisa.progress import MetricsLog, Progress
 from nanolisa.resume import (CHECKPOINTS, find_resume_checkpoint, load_checkpoint, remove_checkpoints,
@@ -71,6 +72,7 @@ def train(cfg: TrainConfig) -> dict:
     elif cfg.parallel:
         print(f"note: --parallel {cfg.parallel} does nothing in a single process; start with torchrun",
               file=sys.stderr)
+    check_inputs_exist(cfg)  # on every rank, before any rank waits for another
     run_dir = RunDir(cfg) if world.is_main else None
     finished = False
     try:
@@ -84,6 +86,15 @@ def train(cfg: TrainConfig) -> dict:
         if run_dir:
             run_dir.close(finished)
         close_world()
+
+
+def check_inputs_exist(cfg: TrainConfig) -> None:
+    """A missing --model, --data or --eval-data is one line before anything starts."""
+    if not os.path.isdir(cfg.model) and cfg.model not in PRESETS:
+        raise UserError(f"--model {cfg.model}: no such model directory (or preset: {', '.join(PRESETS)})")
+    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        if path is not None and not path.startswith("demo") and not os.path.exists(path):
+            raise UserError(f"{flag} {path}: no such file or directory")
 
 
 @dataclass
