@@ -21,6 +21,14 @@ from typing import IO, Any, Callable, Iterator
 from nanolisa.errors import UserError
 
 
+def write_failure(what: str, e: BaseException) -> UserError:
+    """A failed write (full disk, file-size limit, permissions) as one line; the caller has removed any
+    partial files."""
+    reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:200]
+    return UserError(f"could not write {what} ({reason}); nothing partial was left behind. Free some disk "
+                     f"space (or fix the permissions) and run again")
+
+
 def read_json(path: str) -> Any:
     """A JSON file that came from the user (a config, an adapter, a tokenizer file): unreadable or invalid
     JSON is a UserError that names the file."""
@@ -72,11 +80,8 @@ def copy_file(src: str, dst: str) -> None:
         shutil.copyfileobj(g, f)
 
 
-def new_staging_dir(out_dir: str, prefix: str = ".tmp-save-") -> str:
-    """A fresh temporary directory with umask permissions, on the same file system as out_dir so it can be
-    renamed into place: inside out_dir when that exists (a later run finds and removes what a killed one
-    left there), else beside it."""
-    parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir))
+def new_staging_dir(parent: str, prefix: str = ".tmp-save-") -> str:
+    """A fresh temporary directory in `parent`, with umask permissions."""
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     os.chmod(tmp, 0o777 & ~_umask())
@@ -85,8 +90,10 @@ def new_staging_dir(out_dir: str, prefix: str = ".tmp-save-") -> str:
 
 @contextmanager
 def staging_dir(out_dir: str, prefix: str = ".tmp-save-") -> Iterator[str]:
-    """new_staging_dir, removed with everything in it if the block raises."""
-    tmp = new_staging_dir(out_dir, prefix)
+    """A temporary directory on the same file system as out_dir, so it can be renamed into place: inside
+    out_dir when that exists (a later run finds and removes what a killed one left there), else beside it.
+    Removed with everything in it if the block raises."""
+    tmp = new_staging_dir(out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir)), prefix)
     try:
         yield tmp
     except BaseException:

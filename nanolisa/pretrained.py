@@ -235,9 +235,19 @@ def _write_weights(tensors: list[OutTensor], out_dir: str, max_shard_bytes: int)
                {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map})
 
 
-def _is_weight_file(name: str) -> bool:
-    """Weight files of an earlier save, removed when a new save does not write them (fewer shards, say)."""
-    return name.startswith("model") and name.endswith((".safetensors", ".json")) or name == "pytorch_model.bin"
+def _earlier_weights(out_dir: str) -> set[str]:
+    """The weight files of an earlier save in out_dir: model.safetensors, and the index with the shards it
+    lists. A new save removes those it does not replace (fewer shards, say), so no reader mixes two saves;
+    any other file in out_dir is the user's and stays."""
+    names = {"model.safetensors"}
+    index = os.path.join(out_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        names.add("model.safetensors.index.json")
+        try:
+            names |= set(read_json(index)["weight_map"].values())
+        except (UserError, KeyError, TypeError, AttributeError):
+            pass
+    return names
 
 
 def save_pretrained(model: CausalLM, tokenizer, out_dir: str, dtype: str | torch.dtype | None = None,
@@ -265,4 +275,5 @@ def save_pretrained(model: CausalLM, tokenizer, out_dir: str, dtype: str | torch
         if tokenizer is not None:
             tokenizer.save(tmp)
         write_json(os.path.join(tmp, "config.json"), cfg)
-        install_dir(tmp, out_dir, stale=_is_weight_file, last="config.json")
+        earlier = _earlier_weights(out_dir) if os.path.isdir(out_dir) else set()
+        install_dir(tmp, out_dir, stale=earlier.__contains__, last="config.json")

@@ -30,10 +30,12 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from nanolisa.errors import UserError
-from nanolisa.files import new_staging_dir, read_json
+from nanolisa.files import new_staging_dir, read_json, write_failure
 from nanolisa.parallel import World, barrier, broadcast
 from nanolisa.train_config import RESUMABLE_CHANGES, TrainConfig
 
@@ -66,7 +68,7 @@ def save_checkpoint(out: str, step: int, model, optimizer, lisa, batches, cfg: T
     """Write the resume checkpoint of `step` (every rank calls this together); returns its directory."""
     final = os.path.join(out, CHECKPOINTS, f"step-{step:07d}")
     names = {p: n for n, p in model.named_parameters()}
-    tmp = broadcast(new_staging_dir(final, prefix=".tmp-step-") if world.is_main else None, world)
+    tmp = broadcast(new_staging_dir(os.path.join(out, CHECKPOINTS), ".tmp-step-") if world.is_main else None, world)
     try:
         with _quiet_single_process():
             dcp.save(_tensors(model, optimizer, cfg), no_dist=not world.distributed,
@@ -88,9 +90,11 @@ def save_checkpoint(out: str, step: int, model, optimizer, lisa, batches, cfg: T
             os.replace(tmp, final)
             for old in checkpoint_dirs(out)[:-KEEP]:
                 shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, CheckpointException, SafetensorError)):
+            raise write_failure(f"the checkpoint {final}", e) from None
         raise
     barrier(world)
     return final

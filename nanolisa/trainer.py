@@ -33,12 +33,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from nanolisa.adamw import AdamW
 from nanolisa.config import DTYPES
 from nanolisa.data import Batches, read_dataset, tokenize_dataset
 from nanolisa.errors import UserError
 from nanolisa.evaluate import nll
+from nanolisa.files import write_failure
 from nanolisa.lisa import LISA
 from nanolisa.lora import apply_lora, load_adapter, mark_only_lora_trainable, merge_lora, save_adapter
 from nanolisa.loss import count_loss_tokens, next_token_nll
@@ -347,14 +349,17 @@ def finish(model, tokenizer, cfg: TrainConfig, log: MetricsLog | None, lisa: LIS
     model with --merge), the metrics and the loss plot; then remove the run's resume checkpoints. Every
     rank takes part (FSDP2 gathers each tensor from the shards); rank 0 writes."""
     main = world.is_main
-    if cfg.method == "lora":
-        save_adapter(model, cfg.out, base_model_name_or_path=cfg.model, writer=main)
-        if cfg.merge and main:
-            if cfg.parallel == "fsdp":  # the model is in shards: merge the adapter just written into the base
-                model = load_adapter(load_pretrained(cfg.model, dtype=torch.float32)[0], cfg.out)
-            save_pretrained(merge_lora(model), tokenizer, os.path.join(cfg.out, "merged"))
-    else:
-        save_pretrained(model, tokenizer, cfg.out, writer=main)
+    try:
+        if cfg.method == "lora":
+            save_adapter(model, cfg.out, base_model_name_or_path=cfg.model, writer=main)
+            if cfg.merge and main:
+                if cfg.parallel == "fsdp":  # the model is in shards: merge the adapter just written into the base
+                    model = load_adapter(load_pretrained(cfg.model, dtype=torch.float32)[0], cfg.out)
+                save_pretrained(merge_lora(model), tokenizer, os.path.join(cfg.out, "merged"))
+        else:
+            save_pretrained(model, tokenizer, cfg.out, writer=main)
+    except (OSError, SafetensorError) as e:
+        raise write_failure(f"the final model to {cfg.out}", e) from None
     if main:
         if not cfg.log:
             os.replace(log.path, os.path.join(cfg.out, "metrics.jsonl"))
