@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from nanolisa.activations import ACTIVATIONS
 from nanolisa.errors import UserError
 from nanolisa.files import read_json
 
@@ -71,6 +72,12 @@ class ModelConfig:
         if mt not in ARCHITECTURES:
             raise UserError(f"unsupported model_type {mt!r}: nanolisa supports {', '.join(ARCHITECTURES)}")
         dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+        act_key = "activation_function" if mt == "gpt2" else "hidden_act"
+        act = d.get(act_key, "gelu_new" if mt == "gpt2" else "silu")
+        if not isinstance(act, str):
+            raise UserError(f"{act_key} must be a string, got {act!r}")
+        if act not in ACTIVATIONS:
+            raise UserError(f"{act_key} {act!r} is not supported: use one of {', '.join(ACTIVATIONS)}")
         if mt == "gpt2":
             C = d.get("n_embd", 768)
             nh = d.get("n_head", 12)
