@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nanolisa.activations import ACTIVATIONS
 from nanolisa.config import ModelConfig
 
 Tensor = torch.Tensor
@@ -135,7 +136,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The Llama family block: pre-norm RMSNorm, grouped-query attention with RoPE, SwiGLU MLP.
+# The Llama family block: pre-norm RMSNorm, grouped-query attention with RoPE, gated MLP (SwiGLU).
 
 
 class RMSNorm(nn.Module):
@@ -179,7 +180,8 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+    """Gated MLP (Shazeer 2020): down(act(gate(x)) * up(x)). With hidden_act silu, as in every Llama,
+    Mistral and Qwen2 release, this is SwiGLU; config.json may name any activation in activations.py."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -187,9 +189,10 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(C, H, bias=bias)
         self.up_proj = nn.Linear(C, H, bias=bias)
         self.down_proj = nn.Linear(H, C, bias=bias)
+        self.act_fn = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaBlock(nn.Module):
@@ -206,12 +209,10 @@ class LlamaBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The GPT-2 block: pre-norm LayerNorm, multi-head attention from one fused c_attn projection, GELU MLP.
+# The GPT-2 block: pre-norm LayerNorm, multi-head attention from one fused c_attn projection, GELU MLP
+# (tanh-approximated GELU, "gelu_new", unless config.json's activation_function names another).
 # Hugging Face stores these projections as Conv1D, weight (in, out); here they are nn.Linear, weight
 # (out, in), and checkpoint.py transposes them on the way in and out.
-
-GELU_APPROX = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
-
 
 class GPT2Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -237,10 +238,10 @@ class GPT2MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.approximate = GELU_APPROX.get(cfg.hidden_act, "tanh")
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class GPT2Block(nn.Module):

@@ -135,9 +135,24 @@ def load_model(path: str, dtype: str | torch.dtype | None = None,
         raise UserError(f"{path}: weights do not match config.json: {what}")
     model.tie_weights()
     model.config.dtype = str(dtype).removeprefix("torch.")
-    gen = os.path.join(path, "generation_config.json")
-    model.generation_config = read_json(gen) if os.path.isfile(gen) else None
+    model.generation_config = read_generation_config(path)
     return model
+
+
+def read_generation_config(model_dir: str) -> dict | None:
+    """generation_config.json (None without one), checked now: it is written back with the fine-tuned
+    model, so a bad one would otherwise only fail at the final save, after the whole run."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return None
+    gen = read_json(path)
+    if not isinstance(gen, dict):
+        raise UserError(f"{path}: not a JSON object of generation settings: {json.dumps(gen)[:60]}")
+    eos = gen.get("eos_token_id")  # the one setting nanolisa reads from it: where generation stops
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(type(i) is int and i >= 0 for i in ids):
+        raise UserError(f"{path}: eos_token_id must be a token id or a list of them, got {json.dumps(eos)[:60]}")
+    return gen
 
 
 def load_pretrained(path: str, dtype: str | torch.dtype | None = None,

@@ -2,17 +2,20 @@
 
 train.py's flags map one to one onto these fields. Settings left at None are filled by `with_defaults`:
 from a built-in preset's recipe (nanolisa/presets.py) when the model is a preset, otherwise with the usual
-values for fine-tuning a pretrained checkpoint. `validate` turns every impossible value into one line.
+values for fine-tuning a pretrained checkpoint. `validate` turns every impossible value, and every setting
+that would do nothing in this run (a LoRA flag with --method lisa, say), into one line.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
-from nanolisa.config import DTYPES
+from nanolisa.config import DTYPES, read_config
 from nanolisa.errors import UserError
 from nanolisa.presets import RECIPES
+from nanolisa.runtime import pick_device
 
 METHODS = ("lisa", "lora", "full")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -20,6 +23,14 @@ SCHEDULES = ("cosine", "linear", "constant")
 RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "log", "out", "plot", "device", "threads",
                      "quiet"}
 PARALLEL = ("fsdp", "ddp")
+# Settings only one method reads: giving one to another method is a mistake, not a harmless no-op.
+METHOD_ONLY = {
+    "lisa": ("lisa_layers", "interval", "freeze_embeddings", "freeze_head"),
+    "lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_modules_to_save", "rslora", "dora",
+             "merge"),
+}
+FLOAT_FLAGS = ("lr", "min_lr", "clip", "weight_decay", "epochs", "lora_alpha", "lora_dropout")
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes 0 .. 2**64 - 1; numpy, which shuffles the data, refuses < 0
 
 
 @dataclass
@@ -73,33 +84,91 @@ class TrainConfig:
     def with_defaults(self) -> "TrainConfig":
         """Fill the settings left at None: a built-in preset's recipe (nanolisa/presets.py), otherwise the
         usual values for fine-tuning a pretrained checkpoint."""
-        recipe = {} if os.path.isdir(self.model) else RECIPES.get(self.model, {})
-        usual = {"lr": 2e-4 if self.method == "lora" else 5e-5, "warmup": 0, "batch_size": 4,
-                 "steps": None if self.epochs else recipe.get("steps")}
+        recipe = {} if os.path.isdir(self.model) else dict(RECIPES.get(self.model, {}))
+        if self.epochs is not None:
+            recipe.pop("steps", None)  # --epochs says how long to run, not the recipe's step count
+        usual = {"lr": 2e-4 if self.method == "lora" else 5e-5, "warmup": 0, "batch_size": 4, "steps": None}
         filled = {k: recipe.get(k, v) for k, v in usual.items() if getattr(self, k) is None}
         return dataclasses.replace(self, **filled)
 
+    def held_out_data(self) -> str | None:
+        """Where --eval-every's held-out examples come from: --eval-data, or the demo's test split when
+        training on the demo; None without held-out data."""
+        return self.eval_data or (self.data + ":test" if self.data in ("demo", "demo:conversation") else None)
+
     def validate(self) -> None:
+        """Every impossible or contradictory setting is one line here, before anything is loaded or written.
+        Call it on the result of `with_defaults`."""
         if self.method not in METHODS:
             raise UserError(f"unknown --method {self.method!r}: choose one of {', '.join(METHODS)}")
+        self._check_method_flags()
+        for name in FLOAT_FLAGS:  # argparse's float() takes "inf" and "nan"
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise UserError(f"{flag(name)} must be a finite number, got {v}")
         if self.lisa_layers < 0:
             raise UserError(f"--lisa-layers must be >= 0, got {self.lisa_layers}")
         if self.interval < 1:
             raise UserError(f"--interval must be >= 1, got {self.interval}")
         if self.parallel is not None and self.parallel not in PARALLEL:
             raise UserError(f"unknown --parallel {self.parallel!r}: choose one of {', '.join(PARALLEL)}")
+        if self.method == "lisa" and self.lisa_layers == 0 and self.freeze_embeddings and self.freeze_head:
+            raise UserError("nothing to train: --lisa-layers 0 with --freeze-embeddings and --freeze-head")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown --schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise UserError(f"unknown --dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         for name in ("batch_size", "grad_accum", "seq_len"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.epochs is not None:
+            raise UserError("give --steps or --epochs, not both")
         if self.steps is not None and self.steps < 1:
             raise UserError(f"--steps must be >= 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise UserError(f"--epochs must be > 0, got {self.epochs}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr} min_lr={self.min_lr}")
-        if self.method == "lora" and self.lora_r < 1:
+        if self.schedule == "constant" and self.min_lr != 0:
+            raise UserError("--min-lr does nothing with --schedule constant: drop it, or choose cosine or linear")
+        for name in ("warmup", "weight_decay", "clip"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.lora_r < 1:
             raise UserError(f"--lora-r must be >= 1, got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            raise UserError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"--seed must be in [0, 2**64 - 1], got {self.seed}")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < -1:
+                raise UserError(f"{flag(name)} must be N >= 1, 0 (never) or -1 (ten times per run), "
+                                f"got {getattr(self, name)}")
+        if self.eval_every > 0 and self.held_out_data() is None:
+            raise UserError(f"--eval-every {self.eval_every} needs held-out data: pass --eval-data FILE")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {self.threads}")
+        pick_device(self.device)  # a bad or unavailable --device is one line now, not after --out is written
+        if os.path.isdir(self.model):  # a bad config.json too, and the flags that must fit the model
+            model = read_config(self.model)
+            if model.is_gpt2 and self.seq_len > model.max_position_embeddings:
+                raise UserError(f"--seq-len {self.seq_len} is longer than this GPT-2's context "
+                                f"(n_positions {model.max_position_embeddings})")
+
+    def _check_method_flags(self) -> None:
+        """A setting that only another method reads does nothing in this run: refuse it rather than ignore
+        it. A setting counts as given when it differs from its default (so `--lora-r 8` with LISA, the
+        default value given explicitly, passes unnoticed; it would change nothing either way)."""
+        default = TrainConfig()
+        for method, names in METHOD_ONLY.items():
+            given = [n for n in names if getattr(self, n) != getattr(default, n)]
+            if given and self.method != method:
+                raise UserError(f"{flag(given[0])} only applies to --method {method}, and this run is "
+                                f"--method {self.method}")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field: lora_r -> --lora-r."""
+    return "--" + name.replace("_", "-")

@@ -232,7 +232,7 @@ def load_data(cfg: TrainConfig, tokenizer, world: World) -> tuple[Batches, list 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batches = Batches(train_data, cfg.batch_size, seed=cfg.seed, shuffle=True, pack=cfg.pack, pad_id=pad_id,
                       rank=world.rank, world_size=world.world_size)
-    eval_path = cfg.eval_data or (cfg.data + ":test" if cfg.data in ("demo", "demo:conversation") else None)
+    eval_path = cfg.held_out_data()
     if not eval_path or cfg.eval_every == 0:
         return batches, None
     return batches, tokenize_dataset(read_dataset(eval_path), tokenizer, **tok_args).examples

@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     g.add_argument("--pack", action="store_true", help="pack several examples into each row of --seq-len "
                    "tokens; attention never crosses examples")
 
-    g = p.add_argument_group("method")
+    g = p.add_argument_group("method", "the LISA flags are for --method lisa and the LoRA flags for --method "
+                             "lora: given with another method they are an error, since they would do nothing")
     g.add_argument("--method", default=d.method, help="lisa | lora | full (default: %(default)s)")
     g.add_argument("--lisa-layers", "--lisa_activated_layers", type=int, default=d.lisa_layers,
                    help="LISA: number of transformer blocks trained at a time, gamma (default: %(default)s)")
@@ -74,15 +75,16 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps to run (default: one epoch, or "
                    f"--epochs; the tiny preset's recipe: {TINY['steps']})")
-    g.add_argument("--epochs", type=float, default=None, help="epochs to run when --steps is not given")
+    g.add_argument("--epochs", type=float, default=None, help="epochs to run, instead of --steps (with a preset, "
+                   "instead of its recipe's steps too)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch per device "
                    f"(default: 4; the tiny preset's recipe: {TINY['batch_size']})")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step "
                    "(default: %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: 5e-5, "
                    f"2e-4 for LoRA; the tiny preset starts from random weights and its recipe uses {TINY['lr']:g})")
-    g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the decay "
-                   "(default: %(default)s)")
+    g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine or "
+                   "linear decay (default: %(default)s)")
     g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps (default: 0; the "
                    f"tiny preset's recipe: {TINY['warmup']})")
     g.add_argument("--schedule", default=d.schedule, help="cosine | linear | constant (default: %(default)s)")
