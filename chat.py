@@ -24,7 +24,7 @@ import torch
 
 from nanolisa.errors import ArgumentParser, UserError, run_cli
 from nanolisa.generate import add_runtime_args, set_threads, Decoder, Sampling, TextStream, load_for_inference, stop_ids_for
-from nanolisa.templates import render_chat, resolve_template
+from nanolisa.templates import PRESETS, render_chat, resolve_template
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Hugging Face model directory, LoRA adapter directory, or a preset name (default: %(default)s)")
     p.add_argument("--lora", default=None, metavar="DIR", help="LoRA adapter directory to apply on top")
     p.add_argument("--template", default=None,
-                   help="chat template: a preset (chatml, llama3, llama2, ...), a .jinja file or a Jinja "
+                   help=f"chat template: a preset ({', '.join(PRESETS)}), a .jinja file or a Jinja "
                         "string; default: the model's own chat_template")
     p.add_argument("--system", default=None, help="system prompt at the start of every conversation")
     p.add_argument("--prompt", default=None,

@@ -17,6 +17,7 @@ import argparse
 import json
 
 from nanolisa.errors import ArgumentParser, run_cli
+from nanolisa.templates import PRESETS
 from nanolisa.trainer import TrainConfig, return_freed_memory_to_os, train
 
 
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     g.add_argument("--out", default=d.out, help="output directory: the final model, checkpoints/, "
                    "metrics.jsonl and loss.png (default: %(default)s)")
     g.add_argument("--template", default=None, help="chat template for conversation data: a preset name "
-                   "(chatml, llama3, llama2, qwen2, mistral, ...) or, by default, the model's own")
+                   f"({', '.join(PRESETS)}), a .jinja file or Jinja string, or, by default, the model's own")
     g.add_argument("--train-on-prompt", action="store_true", help="take loss on prompts and user turns too "
                    "(default: only on outputs / assistant turns)")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="longer examples are truncated "
