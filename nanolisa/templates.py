@@ -13,7 +13,7 @@ Where the template comes from (`template=` argument):
   * None: the model's own `chat_template` from its tokenizer_config.json / chat_template.jinja;
   * a preset name. The names are LMFlow's `--conversation_template` names and a same-named preset writes
     what LMFlow's does, except where LMFlow and the model's own template disagree: there we follow the
-    model (llama2, qwen2, gemma; the table in docs/templates.md says what differs and why). Presets:
+    model (llama2, qwen2, gemma, ...; the table in docs/data.md says what differs and why). Presets:
     chatml, yi (= chatml), qwen2, qwen2_5, llama2, llama3, phi3, gemma, zephyr, deepseek, deepseek_v2
     (= deepseek), yi1_5, internlm2, mistral (not an LMFlow name: Mistral-7B-Instruct v0.1/v0.2), empty /
     disable (BOS before each user turn, EOS after each reply, as LMFlow's) and empty_no_special_tokens
@@ -232,7 +232,7 @@ PRESETS: dict[str, str] = {
         "{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"),
     # Gemma instruct (google/gemma-7b-it): the assistant is called "model"; the system prompt goes into the
-    # first user turn, as Gemma 2/3's own templates do.
+    # first user turn, as Gemma 3's own template does (Gemma 1 and 2's refuse a system message).
     "gemma": (
         "{{ bos_token }}" + _SYSTEM_INTO_FIRST_USER +
         "{% for message in loop_messages %}" + _ALTERNATE +

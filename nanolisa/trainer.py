@@ -326,9 +326,7 @@ def train(cfg: TrainConfig) -> dict:
     eval_path = cfg.eval_data or (cfg.data + ":test" if cfg.data in ("demo", "demo:conversation") else None)
     tok_args = dict(seq_len=cfg.seq_len, template=cfg.template, train_on_prompt=cfg.train_on_prompt)
     train_data = tokenize_dataset(train_set, tokenizer, **tok_args)
-    if train_data.num_truncated:
-        print(f"note: {train_data.num_truncated} of {len(train_data.examples)} examples were longer than "
-              f"--seq-len {cfg.seq_len} and were truncated", file=sys.stderr)
+    print(f"note: {train_data.summary()}", file=sys.stderr)  # records read, kept, truncated, dropped and why
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batches = Batches(train_data, cfg.batch_size, seed=cfg.seed, shuffle=True, pack=cfg.pack, pad_id=pad_id)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(batches) / cfg.grad_accum))
@@ -336,7 +334,9 @@ def train(cfg: TrainConfig) -> dict:
     save_every = cfg.save_every if cfg.save_every >= 0 else max(1, total // 10)  # default: 10 checkpoints
     eval_examples = None
     if eval_path and eval_every:
-        eval_examples = tokenize_dataset(read_dataset(eval_path), tokenizer, **tok_args).examples
+        eval_data = tokenize_dataset(read_dataset(eval_path), tokenizer, **tok_args)
+        print(f"note: {eval_data.summary()}", file=sys.stderr)
+        eval_examples = eval_data.examples
 
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0

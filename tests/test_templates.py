@@ -210,7 +210,7 @@ def lmflow_render(name, system, turns):
 
 def test_presets_write_what_lmflow_writes_except_the_documented_differences(tok):
     """Same name, same text, except where the model's own template and LMFlow disagree; those are the rows of
-    docs/templates.md, checked here difference by difference."""
+    docs/data.md, checked here difference by difference."""
     for system in (SYSTEM, None):
         msgs = conversation(system=system is not None)
         for name in sorted(set(LMFLOW) | {"llama2", "zephyr"}):
