@@ -41,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="nll: NLL per loss-bearing token and perplexity; accuracy: exact match of greedy "
                         "replies; choice: multiple choice by log-likelihood (default: %(default)s)")
     p.add_argument("--template", default=None,
-                   help=f"chat template for conversation data (a preset: {', '.join(PRESETS)}; a .jinja file or Jinja string); "
+                   help=f"chat template for conversation data (a preset: {', '.join(PRESETS)}; a .jinja file or "
+                        "Jinja string); "
                         "default: the model's own; use the one you trained with")
     p.add_argument("--train-on-prompt", action="store_true",
                    help="nll: score prompts / user turns too (match train.py's flag)")

@@ -192,7 +192,9 @@ class Reader:
                     raise UserError(f"{at}: 'loss_weight' {weight} on the {m['role']} message: nanolisa trains every "
                                     "assistant message (weight 1) and nothing else (weight 0); other weights are "
                                     "not supported")
-            known = {"role", "content", "tool_calls", "loss_weight"} | ({"name", "tool_call_id"} if role == "tool" else set())
+            known = {"role", "content", "tool_calls", "loss_weight"}
+            if role == "tool":
+                known |= {"name", "tool_call_id"}
             self._message_unused(m, known, "messages[]")
             content = m.get("content")
             if content is None and extra.get("tool_calls"):

@@ -89,14 +89,14 @@ def test_llama_factory_sharegpt_tool_call_is_trained_and_its_observation_is_not(
 
 def test_llama_factory_v1_text_parts_and_loss_weight(tmp_path, tok):
     """v1_sft_demo.jsonl's shape: content as a list of {"type": "text", "value"}, loss_weight per message."""
-    rec = {"messages": [{"role": "user", "content": [{"type": "text", "value": "hi "}, {"type": "text", "value": "there"}],
-                         "loss_weight": 0.0},
+    hi = [{"type": "text", "value": "hi "}, {"type": "text", "value": "there"}]
+    rec = {"messages": [{"role": "user", "content": hi, "loss_weight": 0.0},
                         {"role": "assistant", "content": [{"type": "text", "value": "Hello!"}], "loss_weight": 1.0}]}
     path = write(tmp_path, "v1.jsonl", [rec], jsonl=True)
     assert example(tok, path) == expected(tok, [
         ("<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n", 0), ("Hello!<|im_end|>", 1), ("\n", 0)])
     rec["messages"][1]["loss_weight"] = 0.0  # an assistant message not to be trained: nanolisa cannot say so
-    with pytest.raises(UserError, match=r"v1\.jsonl: line 1: messages\[1\]: 'loss_weight' 0.0 on the assistant message"):
+    with pytest.raises(UserError, match=r"v1\.jsonl: line 1: messages\[1\]: 'loss_weight' 0.0 on the assistant"):
         read_dataset(write(tmp_path, "v1.jsonl", [rec], jsonl=True))
 
 
@@ -190,11 +190,13 @@ REFUSED = [
     ("fn.jsonl", [{"messages": [MSGS[0], {"role": "function", "content": "x"}]}],
      r"line 1: messages\[1\]: unknown role 'function' \(LMFlow's tool call, or OpenAI's old function result"),
     ("user.json", [{"conversations": [CONV[0]]}], r"record 0: conversation ends with role 'human'"),
-    ("sur.json", '[{"instruction": "a\\ud800b", "output": "c"}]', r"record 0: field 'instruction' holds a lone surrogate"),
+    ("sur.json", '[{"instruction": "a\\ud800b", "output": "c"}]',
+     r"record 0: field 'instruction' holds a lone surrogate"),
     ("sur.jsonl", '{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "\\udc00"}]}',
      r"line 1: field 'conversations\[1\].value' holds a lone surrogate"),
     ("deep.json", "[" * 100000 + "]" * 100000, r"deep\.json: JSON nested too deeply"),
-    ("deep.jsonl", '{"text": "a", "x": ' + "[" * 100000 + "]" * 100000 + "}", r"deep\.jsonl: line 1: JSON nested too deeply"),
+    ("deep.jsonl", '{"text": "a", "x": ' + "[" * 100000 + "]" * 100000 + "}",
+     r"deep\.jsonl: line 1: JSON nested too deeply"),
     ("t.csv", "instruction,output\na,b\n", r"t\.csv: csv files are not read"),
     ("bad.json", b'[{"text": "caf\xe9"}]', r"bad\.json: not UTF-8 text"),
 ]
@@ -305,15 +307,44 @@ def test_tokenization_is_bounded_by_seq_len(tmp_path, tok, monkeypatch):
 
 
 # ---- the command line: exit 2, one line, no traceback ------------------------------------------------------------
-@pytest.mark.parametrize("case", ["media", "surrogate", "nested", "hostile_template"])
+def run_train(tmp_path, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "o"), "--steps", "1",
+                           "--no-plot", *args], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "NANOLISA_CACHE_DIR": str(tmp_path / "cache")})
+
+
+NOT_UTF8 = b'{"type": "text_only", "instances": [{"text": "\xff"}]}'
+
+
+def data_dir(tmp_path, name, content):
+    d = tmp_path / "d"
+    d.mkdir()
+    write(d, "a.json", {"type": "text_only", "instances": [{"text": "x"}]})
+    (d / name).mkdir() if content is None else write(d, name, content)
+    return str(d)
+
+
+@pytest.mark.parametrize("case", ["media", "surrogate", "nested", "hostile_template", "dir_not_utf8", "dir_subdir"])
 def test_train_refuses_in_one_line(tmp_path, case):
-    data = {"media": write(tmp_path, "m.json", [{"messages": MSGS, "images": ["a.jpg"]}]),
-            "surrogate": write(tmp_path, "s.json", '[{"text": "\\ud800"}]'),
-            "nested": write(tmp_path, "n.json", "[" * 100000 + "]" * 100000),
-            "hostile_template": write(tmp_path, "c.json", [{"messages": MSGS}])}[case]
+    data = {"media": lambda: write(tmp_path, "m.json", [{"messages": MSGS, "images": ["a.jpg"]}]),
+            "surrogate": lambda: write(tmp_path, "s.json", '[{"text": "\\ud800"}]'),
+            "nested": lambda: write(tmp_path, "n.json", "[" * 100000 + "]" * 100000),
+            "hostile_template": lambda: write(tmp_path, "c.json", [{"messages": MSGS}]),
+            "dir_not_utf8": lambda: data_dir(tmp_path, "b.json", NOT_UTF8),
+            "dir_subdir": lambda: data_dir(tmp_path, "x.json", None)}[case]()
     extra = ["--template", "{{ 'x' * 10**11 }}"] if case == "hostile_template" else []
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data", data, "--out", str(tmp_path / "o"),
-                        "--steps", "1", "--no-plot", *extra], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "NANOLISA_CACHE_DIR": str(tmp_path / "cache")})
+    p = run_train(tmp_path, "--data", data, *extra)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.startswith("error: ") and not (tmp_path / "o").exists()
+
+
+def test_train_on_tool_calls_prints_the_notes_and_the_counts(tmp_path):
+    rec = {"id": 1, "conversations": [{"from": "human", "value": "Weather in Paris?"},
+                                      {"from": "function_call", "value": json.dumps(CALL)},
+                                      {"from": "observation", "value": "20 C"}, {"from": "gpt", "value": "20 C."}],
+           "tools": json.dumps([TOOL])}
+    data = write(tmp_path, "glaive.json", [rec, rec])
+    p = run_train(tmp_path, "--data", data, "--template", "chatml", "--seq-len", "1024", "--batch-size", "1")
+    assert p.returncode == 0, p.stderr
+    assert f"note: {data}: fields nanolisa does not use, ignored: id (2 of 2 records)\n" in p.stderr
+    assert f"note: {data}: 2 records read, 2 kept (0 truncated to --seq-len 1024), 0 dropped\n" in p.stderr

@@ -105,6 +105,11 @@ def test_render_matches_transformers_apply_chat_template(name, tmp_path):
             ref.apply_chat_template(prompt, tokenize=False, add_generation_prompt=gen)
     assert tokenize_chat(msgs, ours)[0] == ref.encode(ref.apply_chat_template(msgs, tokenize=False),
                                                        add_special_tokens=False)
+    if name in templates.TOOL_PRESETS:  # and with tools, a call and its result
+        for gen in (False, True):
+            prompt = tool_conversation()[:4] if gen else tool_conversation()
+            assert render_chat(prompt, ours, add_generation_prompt=gen, tools=TOOLS) == \
+                ref.apply_chat_template(prompt, tools=TOOLS, tokenize=False, add_generation_prompt=gen)
 
 
 # A custom template that marks the assistant's target with {% generation %}: transformers then computes
@@ -356,8 +361,8 @@ def test_tool_data_with_a_template_that_cannot_write_it_is_refused(tok):
               "{% endfor %}", "does not write the tool call 'get_weather' of message 2"),
              ("{% for m in messages %}{{ m.role + ': ' + (m.content or '') + eos_token }}{% endfor %}"
               "{{ tools | tojson }}", "writes the conversation differently when it ends at message 2"),
-             ("{% for m in messages %}{{ m.role + ': ' + (m.content or '') + ((m.tool_calls or []) | tojson) + eos_token }}"
-              "{% endfor %}", "ignores the tool definitions")]
+             ("{% for m in messages %}{{ m.role + ': ' + (m.content or '') + ((m.tool_calls or []) | tojson) }}"
+              "{{ eos_token }}{% endfor %}", "ignores the tool definitions")]
     for template, message in cases:
         with pytest.raises(UserError, match=message) as e:
             tokenize_chat(msgs, tok, template, tools=TOOLS)
