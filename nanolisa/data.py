@@ -242,7 +242,7 @@ def tokenize_dataset(ds: Dataset, tokenizer, seq_len: int, template: str | None 
         num_loss += n_loss
     data = TokenizedData(examples, seq_len, truncated, dropped, num_loss, ds.source, len(raw))
     if not examples:
-        raise UserError(f"{data.summary()}: no example has a token to train on")
+        raise UserError(f"{data.summary()}; nothing left to train on")
     if path is not None:
         try:
             _save_cache(path, data)

@@ -217,8 +217,8 @@ class Reader:
             for k, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text":
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise UserError(f"{where}[{k}]: content part of type {kind!r}; nanolisa trains on text only "
-                                    "(parts of type 'text' are accepted)")
+                    raise UserError(f"{where}[{k}]: content part of type {kind!r} is not supported: nanolisa "
+                                    "trains on parts of type 'text' only (media cannot be trained as text)")
                 text = part.get("text", part.get("value"))
                 if not isinstance(text, str):
                     raise UserError(f"{where}[{k}]: a text part needs a string 'text' (or 'value')")

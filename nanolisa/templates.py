@@ -515,6 +515,7 @@ def _first_marker(s: str, markers: list[str]) -> int:
 
 
 def uses_tools(messages: list[dict], tools) -> bool:
+    """Whether a conversation has tool definitions, tool calls or tool results."""
     return bool(tools) or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
 
 
