@@ -1,6 +1,6 @@
 """Data: read a dataset, tokenize it with loss masks, and serve shuffled, sharded, resumable batches.
 
-Formats (auto-detected; `--data` is a file, a directory, or "demo" / "demo:test"):
+Formats (auto-detected; `--data` is a file, a directory, or "demo" / "demo:test"; formats.py reads them):
 
 * LMFlow JSON `{"type": ..., "instances": [...]}`, or a directory of such *.json files all of one type:
   - text_only   `{"text"}`: tokenized as the tokenizer does by default (with its BOS if its post-processor
@@ -8,18 +8,32 @@ Formats (auto-detected; `--data` is a file, a directory, or "demo" / "demo:test"
   - text2text   `{"input", "output"}`: input and output are tokenized separately and concatenated with no
     separator (as LMFlow does), and the tokenizer's EOS is appended to the output so the model learns to
     stop; loss on the output (and that EOS) only.
-  - conversation `{"system"?, "tools"?, "messages": [{"role": "user"|"assistant", "content"}, ...]}`:
-    rendered with the chat template (templates.py); loss on assistant turns and their end-of-turn token,
-    never on system/user text; `train_on_prompt` trains on everything.
-* Alpaca records (instruction / input / output, optional system) in .json or .jsonl. They become
-  *conversations*: user = instruction, plus "\\n\\n" + input when there is one; assistant = output. So they
-  are written in the model's own chat format, the format chat.py talks to it in.
-* ShareGPT records (`conversations`: [{"from": "human"|"gpt"|"system", "value"}]) and OpenAI-style records
-  (`messages`: [{"role", "content"}]) in .json or .jsonl -> conversation.
-* Plain .txt: one text_only document per blank-line-separated block.
+  - conversation `{"system"?, "tools"?, "messages": [{"role", "content"}, ...]}`: rendered with the chat
+    template (templates.py); loss on assistant turns and tool calls (LMFlow's `function` role) with their
+    end-of-turn token, never on system/user text or tool results (`observation`); `train_on_prompt`
+    trains on everything. `tools` (tool descriptions) are written by the template.
+* Alpaca records (instruction, input?, output, system?, history?) in .json or .jsonl. They become
+  *conversations*: user = instruction + "\\n" + input (LLaMA-Factory's join), assistant = output, after the
+  `history` rounds, which are trained too (as LLaMA-Factory trains them). So they are written in the
+  model's own chat format, the format chat.py talks to it in.
+* ShareGPT records (`conversations`: [{"from": "human"|"gpt"|"system"|"function_call"|"observation",
+  "value"}], `tools` a JSON string: LLaMA-Factory's tool-call format) and OpenAI-style records (`messages`:
+  [{"role", "content"}], assistant `tool_calls`, role `tool`; content a string or a list of text parts)
+  in .json or .jsonl -> conversation.
+* `{"text"}` records -> text_only and `{"input", "output"}` records -> text2text, in .json or .jsonl.
+* Plain .txt: one text_only document per blank-line-separated block (a note says how many were read; for
+  one document per line, write a .jsonl of {"text": ...} records).
 
-Bad input fails before training with one line naming the file, the instance and the problem (UserError).
-Examples longer than `seq_len` are truncated and counted, not fatal.
+Bad input fails before training with one line naming the file, the record and the field (UserError):
+also media (images/videos/audios), preference data (chosen/rejected) and KTO labels, which nanolisa does
+not train. Fields nanolisa does not use are named in a note, never dropped silently. Examples longer than
+`seq_len` are truncated; examples left with nothing to train on are dropped; `TokenizedData.summary()` is
+one line with how many records were read, kept, truncated and dropped, and why.
+
+Tokenization is bounded by what seq_len can use: a token spans at most as many characters as the longest
+vocabulary entry, so a text is cut to (seq_len + 64) such spans before it is tokenized, and a 50 MB line
+costs no more than a seq_len one (if the cut text gives too few tokens, e.g. a normalizer deleted
+characters, the whole text is tokenized).
 
 Labels are aligned with input_ids (IGNORE_INDEX = no loss); the loss shifts them by one (nanolisa/loss.py).
 """
@@ -28,7 +42,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,14 +51,13 @@ import torch
 from nanolisa import demo_data
 from nanolisa.errors import UserError
 from nanolisa.files import atomic_file
+from nanolisa.formats import TYPES, read_file, read_lmflow_dir  # noqa: F401 (TYPES: re-exported)
 from nanolisa.loss import IGNORE_INDEX
 from nanolisa.templates import assistant_spans, labels_from_spans, resolve_template
 
-TYPES = ("text_only", "text2text", "conversation")
-CACHE_VERSION = 1
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
-                  "system": "system"}
+CACHE_VERSION = 2
+DROP_REASONS = {"empty": "empty, nothing to train on",
+                "truncated": "with no loss-bearing token within --seq-len"}
 
 
 @dataclass
@@ -52,185 +66,10 @@ class Dataset:
     instances: list[dict]      # normalized LMFlow instances
     source: str                # where it came from (path or demo name), for messages
     fingerprint: str = ""      # hash of the file contents (tokenization-cache key)
+    notes: list[str] = field(default_factory=list)  # what the reader said (unused fields, .txt rule), printed
 
     def __len__(self) -> int:
         return len(self.instances)
-
-
-# ---- reading and validating ----------------------------------------------------------------------------
-def _check_str(inst: dict, key: str, where: str, optional: bool = False) -> None:
-    if key not in inst:
-        if optional:
-            return
-        raise UserError(f"{where}: missing field {key!r}")
-    if not isinstance(inst[key], str):
-        raise UserError(f"{where}: field {key!r} must be a string, got {type(inst[key]).__name__}")
-
-
-def _normalize_conversation(inst: dict, where: str) -> dict:
-    """Check an LMFlow conversation instance; move a leading system message into "system"."""
-    msgs = inst.get("messages")
-    if not isinstance(msgs, list):
-        raise UserError(f"{where}: missing field 'messages' (a list of {{role, content}})")
-    system = inst.get("system")
-    if system is not None and not isinstance(system, str):
-        raise UserError(f"{where}: field 'system' must be a string")
-    out = []
-    for j, m in enumerate(msgs):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"{where}: message {j} must be an object with 'role' and 'content'")
-        if not isinstance(m["content"], str):
-            raise UserError(f"{where}: message {j}: 'content' must be a string")
-        role = m["role"]
-        if role == "system" and j == 0 and system is None:
-            system = m["content"]
-            continue
-        if role not in ("user", "assistant"):
-            raise UserError(f"{where}: message {j}: unknown role {role!r} (expected 'user' or 'assistant')")
-        want = "user" if len(out) % 2 == 0 else "assistant"
-        if role != want:
-            raise UserError(f"{where}: message {j}: conversation must alternate user/assistant starting with "
-                            f"user, got {role!r} where {want!r} was expected")
-        out.append({"role": role, "content": m["content"]})
-    if not out:
-        raise UserError(f"{where}: conversation has no messages")
-    if out[-1]["role"] != "assistant":
-        raise UserError(f"{where}: conversation ends with a user message; the last message must be the "
-                        "assistant's reply")
-    res = {"messages": out}
-    if system is not None:
-        res["system"] = system
-    if inst.get("tools") is not None:
-        if not isinstance(inst["tools"], list):
-            raise UserError(f"{where}: field 'tools' must be a list")
-        res["tools"] = inst["tools"]
-    return res
-
-
-def _normalize_instance(typ: str, inst, where: str) -> dict:
-    if not isinstance(inst, dict):
-        raise UserError(f"{where}: instance must be a JSON object, got {type(inst).__name__}")
-    if typ == "text_only":
-        _check_str(inst, "text", where)
-        return {"text": inst["text"]}
-    if typ == "text2text":
-        _check_str(inst, "input", where)
-        _check_str(inst, "output", where)
-        return {"input": inst["input"], "output": inst["output"]}
-    return _normalize_conversation(inst, where)
-
-
-def _record_to_instance(rec, where: str) -> tuple[str, dict]:
-    """One Alpaca / ShareGPT / OpenAI / LMFlow-shaped record -> (type, normalized instance)."""
-    if not isinstance(rec, dict):
-        raise UserError(f"{where}: record must be a JSON object, got {type(rec).__name__}")
-    if "conversations" in rec:  # ShareGPT
-        conv = rec["conversations"]
-        if not isinstance(conv, list):
-            raise UserError(f"{where}: 'conversations' must be a list")
-        msgs = []
-        for j, m in enumerate(conv):
-            if not isinstance(m, dict) or "from" not in m or "value" not in m:
-                raise UserError(f"{where}: conversations[{j}] must be an object with 'from' and 'value'")
-            role = SHAREGPT_ROLES.get(m["from"])
-            if role is None:
-                raise UserError(f"{where}: conversations[{j}]: unknown role {m['from']!r} "
-                                "(expected human, gpt or system)")
-            msgs.append({"role": role, "content": m["value"]})
-        inst = {"messages": msgs}
-        if isinstance(rec.get("system"), str):
-            inst["system"] = rec["system"]
-        if rec.get("tools") is not None:
-            inst["tools"] = rec["tools"]
-        return "conversation", _normalize_conversation(inst, where)
-    if "messages" in rec:  # OpenAI-style (and LMFlow conversation instances)
-        return "conversation", _normalize_conversation(rec, where)
-    if "instruction" in rec:  # Alpaca
-        _check_str(rec, "instruction", where)
-        _check_str(rec, "output", where)
-        _check_str(rec, "input", where, optional=True)
-        user = rec["instruction"] + (("\n\n" + rec["input"]) if rec.get("input") else "")
-        inst = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]}
-        if rec.get("system"):
-            _check_str(rec, "system", where)
-            inst["system"] = rec["system"]
-        return "conversation", inst
-    if "input" in rec or "output" in rec:
-        return "text2text", _normalize_instance("text2text", rec, where)
-    if "text" in rec:
-        return "text_only", _normalize_instance("text_only", rec, where)
-    raise UserError(f"{where}: unrecognized record with keys {sorted(rec)[:6]}; expected Alpaca "
-                    "(instruction/output), ShareGPT (conversations), OpenAI (messages), {text} or {input, output}")
-
-
-def _records(records: list, path: str, label: str) -> tuple[str, list[dict]]:
-    typ, out = None, []
-    for i, rec in enumerate(records):
-        where = f"{path}: {label} {i}"
-        t, inst = _record_to_instance(rec, where)
-        if typ is None:
-            typ = t
-        elif t != typ:
-            raise UserError(f"{where}: record is {t} but earlier records are {typ}; use one format per file")
-        out.append(inst)
-    return typ, out
-
-
-def _read_lmflow(data: dict, path: str) -> tuple[str, list[dict]]:
-    if "type" not in data:
-        raise UserError(f"{path}: missing \"type\" (one of {', '.join(TYPES)})")
-    typ = data["type"]
-    if typ not in TYPES:
-        raise UserError(f"{path}: unknown type {typ!r} (expected one of {', '.join(TYPES)})")
-    if "instances" not in data:
-        raise UserError(f"{path}: missing \"instances\"")
-    if not isinstance(data["instances"], list):
-        raise UserError(f"{path}: \"instances\" must be a list")
-    return typ, [_normalize_instance(typ, inst, f"{path}: instance {i}") for i, inst in enumerate(data["instances"])]
-
-
-def _read_file(path: str) -> tuple[str, list[dict]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".txt":
-        blocks = [b.strip("\n") for b in text.replace("\r\n", "\n").split("\n\n")]
-        return "text_only", [{"text": b} for b in blocks if b.strip()]
-    if ext == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {n}: malformed JSON ({e.msg} at column {e.colno})") from None
-        typ, out = None, []
-        for n, rec in records:
-            t, inst = _record_to_instance(rec, f"{path}: line {n}")
-            if typ is not None and t != typ:
-                raise UserError(f"{path}: line {n}: record is {t} but earlier records are {typ}")
-            typ = t
-            out.append(inst)
-        return typ or "text_only", out
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    if isinstance(data, dict):
-        if "type" in data or "instances" in data:
-            return _read_lmflow(data, path)
-        t, inst = _record_to_instance(data, f"{path}: record 0")
-        return t, [inst]
-    if isinstance(data, list):
-        typ, out = _records(data, path, "record")
-        return typ or "text_only", out
-    raise UserError(f"{path}: expected a JSON object with \"type\" and \"instances\", or a list of records")
 
 
 def _hash_files(paths: list[str]) -> str:
@@ -243,9 +82,10 @@ def _hash_files(paths: list[str]) -> str:
     return h.hexdigest()[:20]
 
 
-def read_dataset(path: str) -> Dataset:
+def read_dataset(path: str, quiet: bool = False) -> Dataset:
     """Read and validate a dataset (file, directory of LMFlow *.json, "demo", "demo:test" (text2text), or
-    "demo:conversation[:test]"). Raises UserError naming the file and instance on bad input."""
+    "demo:conversation[:test]"). Raises UserError naming the file and record on bad input. Notes (fields
+    not used, how a .txt was split) are printed to stderr as `note: ...` unless quiet, and kept in .notes."""
     if path == "demo" or path.startswith("demo:"):
         opts = path.split(":")[1:]
         bad = [o for o in opts if o not in ("train", "test", "conversation", "text2text")]
@@ -259,31 +99,17 @@ def read_dataset(path: str) -> Dataset:
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file or directory")
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".json"))
-        if not files:
-            raise UserError(f"{path}: directory has no *.json files")
-        typ, instances = None, []
-        for f in files:
-            with open(f, encoding="utf-8") as fh:
-                try:
-                    data = json.load(fh)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{f}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-            if not isinstance(data, dict):
-                raise UserError(f"{f}: expected an LMFlow JSON object with \"type\" and \"instances\"")
-            t, inst = _read_lmflow(data, f)
-            if typ is not None and t != typ:
-                raise UserError(f"{f}: type {t!r} differs from {typ!r} of the other files in {path}; "
-                                "a directory must hold one type")
-            typ = t
-            instances += inst
+        typ, instances, notes, files = read_lmflow_dir(path)
         fingerprint = _hash_files(files)
     else:
-        typ, instances = _read_file(path)
+        typ, instances, notes = read_file(path)
         fingerprint = _hash_files([path])
     if not instances:
         raise UserError(f"{path}: dataset is empty (no instances)")
-    return Dataset(typ, instances, path, fingerprint)
+    if not quiet:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    return Dataset(typ, instances, path, fingerprint, notes)
 
 
 # ---- tokenization ----------------------------------------------------------------------------------------
@@ -291,26 +117,69 @@ def read_dataset(path: str) -> Dataset:
 class TokenizedData:
     examples: list[tuple[list[int], list[int]]]  # (input_ids, labels), labels IGNORE_INDEX where no loss
     seq_len: int
-    num_truncated: int = 0         # examples cut to seq_len
-    num_dropped: int = 0           # examples left with no loss-bearing token (e.g. prompt alone > seq_len)
+    num_truncated: int = 0         # kept examples that were cut to seq_len
+    dropped: dict[str, int] = field(default_factory=dict)  # reason (DROP_REASONS) -> records dropped
     num_tokens_with_loss: int = 0  # label tokens the loss sees (labels[1:] != IGNORE_INDEX, as the shifted loss)
     source: str = ""
+    num_read: int = 0              # records read (kept + dropped)
 
     def __len__(self) -> int:
         return len(self.examples)
 
+    @property
+    def num_dropped(self) -> int:
+        return sum(self.dropped.values())
 
-def _tokenize(ds: Dataset, tokenizer, template, train_on_prompt: bool) -> list[tuple[list[int], list[int]]]:
+    def counts(self) -> dict:
+        """read / kept / truncated / dropped (by reason), for JSON reports."""
+        return {"read": self.num_read, "kept": len(self.examples), "truncated": self.num_truncated,
+                "dropped": {r: n for r, n in self.dropped.items() if n}}
+
+    def summary(self) -> str:
+        """One line: records read, kept, truncated and dropped, and why."""
+        why = "; ".join(f"{n} {DROP_REASONS[r].replace('--seq-len', f'--seq-len {self.seq_len}')}"
+                        for r, n in self.dropped.items() if n)
+        records = "record" if self.num_read == 1 else "records"
+        return (f"{self.source}: {self.num_read} {records} read, {len(self.examples)} kept ({self.num_truncated} "
+                f"truncated to --seq-len {self.seq_len}), {self.num_dropped} dropped" + (f" ({why})" if why else ""))
+
+
+def _max_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for: the longest vocabulary entry (byte-level entries spell
+    one byte per character, so they over- rather than under-count)."""
+    return max(1, max((len(t) for t in tokenizer.backend.get_vocab(with_added_tokens=True)), default=1))
+
+
+def _encode_bounded(tokenizer, texts: list[str], span: int, limit: int, with_offsets: bool, add_special_tokens: bool):
+    """encode_batch(texts) where only the first seq_len tokens matter: each text is cut to `limit` characters
+    first (at least limit // span tokens, `span` the most characters of one token); a cut text that gives
+    fewer tokens than that (a normalizer deleting characters) is tokenized whole instead."""
+    cut = [t[:limit] for t in texts]
+    enc = (tokenizer.encode_batch_with_offsets(cut, add_special_tokens=add_special_tokens) if with_offsets
+           else [(ids, None) for ids in tokenizer.encode_batch(cut, add_special_tokens=add_special_tokens)])
+    min_tokens = limit // span
+    for i, t in enumerate(texts):
+        if len(t) > limit and len(enc[i][0]) < min_tokens:
+            enc[i] = (tokenizer.encode_with_offsets(t, add_special_tokens=add_special_tokens) if with_offsets
+                      else (tokenizer.encode(t, add_special_tokens=add_special_tokens), None))
+    return enc
+
+
+def _tokenize(ds: Dataset, tokenizer, template, train_on_prompt: bool, seq_len: int
+              ) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per instance; at least the first seq_len + 1 tokens of each are exact."""
+    span = _max_token_chars(tokenizer)
+    limit = (seq_len + 64) * span
     if ds.type == "text_only":
-        ids = tokenizer.encode_batch([x["text"] for x in ds.instances], add_special_tokens=True)
-        return [(i, list(i)) for i in ids]
+        enc = _encode_bounded(tokenizer, [x["text"] for x in ds.instances], span, limit, False, True)
+        return [(i, list(i)) for i, _ in enc]
     if ds.type == "text2text":
         eos = tokenizer.eos_token_id
-        ins = tokenizer.encode_batch([x["input"] for x in ds.instances], add_special_tokens=True)
-        outs = tokenizer.encode_batch([x["output"] for x in ds.instances], add_special_tokens=False)
+        ins = _encode_bounded(tokenizer, [x["input"] for x in ds.instances], span, limit, False, True)
+        outs = _encode_bounded(tokenizer, [x["output"] for x in ds.instances], span, limit, False, False)
         drop_eos = tokenizer.adds_eos  # an input must not end in EOS: the output follows it
         res = []
-        for a, b in zip(ins, outs):
+        for (a, _), (b, _) in zip(ins, outs):
             if drop_eos and a and a[-1] == eos:
                 a = a[:-1]
             b = b + ([eos] if eos is not None else [])
@@ -326,7 +195,7 @@ def _tokenize(ds: Dataset, tokenizer, template, train_on_prompt: bool) -> list[t
         texts.append(t)
         spans.append(s)
     res = []
-    for (ids, offsets), s in zip(tokenizer.encode_batch_with_offsets(texts, add_special_tokens=False), spans):
+    for (ids, offsets), s in zip(_encode_bounded(tokenizer, texts, span, limit, True, False), spans):
         res.append((ids, list(ids) if train_on_prompt else labels_from_spans(ids, offsets, s)))
     return res
 
@@ -337,9 +206,10 @@ def default_cache_dir() -> str:
 
 def tokenize_dataset(ds: Dataset, tokenizer, seq_len: int, template: str | None = None,
                      train_on_prompt: bool = False, cache_dir: str | None | bool = None) -> TokenizedData:
-    """Tokenize every instance to (input_ids, labels), truncated to seq_len. Results are cached on disk
-    (cache_dir, default ~/.cache/nanolisa/tokenized; False disables) keyed by the data's content hash, the
-    tokenizer, the template and the settings, so a second run on the same file starts at once."""
+    """Tokenize every instance to (input_ids, labels), truncated to seq_len; drop those left with no
+    loss-bearing token, counting why. Results are cached on disk (cache_dir, default
+    ~/.cache/nanolisa/tokenized; False disables) keyed by the data's content hash, the tokenizer, the
+    template and the settings, so a second run on the same file starts at once."""
     if seq_len < 2:
         raise UserError(f"--seq-len must be at least 2, got {seq_len}")
     if ds.type == "conversation":
@@ -354,23 +224,25 @@ def tokenize_dataset(ds: Dataset, tokenizer, seq_len: int, template: str | None 
         if os.path.exists(path):
             try:
                 return _load_cache(path, seq_len, ds.source)
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, IndexError):
                 pass  # a damaged cache file is simply rebuilt
-    raw = _tokenize(ds, tokenizer, template, train_on_prompt)
-    examples, truncated, dropped, num_loss = [], 0, 0, 0
+    raw = _tokenize(ds, tokenizer, template, train_on_prompt, seq_len)
+    examples, truncated, num_loss = [], 0, 0
+    dropped = dict.fromkeys(DROP_REASONS, 0)
     for ids, labels in raw:
-        if len(ids) > seq_len:
+        cut = len(ids) > seq_len
+        if cut:
             ids, labels = ids[:seq_len], labels[:seq_len]
-            truncated += 1
         n_loss = len(labels) - 1 - labels[1:].count(IGNORE_INDEX)  # targets the shifted loss will see
-        if n_loss == 0:
-            dropped += 1
+        if n_loss <= 0:
+            dropped["truncated" if cut else "empty"] += 1
             continue
+        truncated += cut
         examples.append((ids, labels))
         num_loss += n_loss
+    data = TokenizedData(examples, seq_len, truncated, dropped, num_loss, ds.source, len(raw))
     if not examples:
-        raise UserError(f"{ds.source}: no example has a token to train on after truncation to --seq-len {seq_len}")
-    data = TokenizedData(examples, seq_len, truncated, dropped, num_loss, ds.source)
+        raise UserError(f"{data.summary()}; nothing left to train on")
     if path is not None:
         try:
             _save_cache(path, data)
@@ -384,7 +256,8 @@ def _save_cache(path: str, data: TokenizedData) -> None:
     lengths = np.array([len(i) for i, _ in data.examples], dtype=np.int64)
     ids = np.fromiter((t for i, _ in data.examples for t in i), dtype=np.int64, count=int(lengths.sum()))
     labels = np.fromiter((t for _, l in data.examples for t in l), dtype=np.int64, count=int(lengths.sum()))
-    meta = np.array([data.num_truncated, data.num_dropped, data.num_tokens_with_loss], dtype=np.int64)
+    meta = np.array([data.num_read, data.num_truncated, data.num_tokens_with_loss]
+                    + [data.dropped.get(r, 0) for r in DROP_REASONS], dtype=np.int64)
     with atomic_file(path, "wb") as f:
         np.savez(f, lengths=lengths, ids=ids, labels=labels, meta=meta)
 
@@ -394,7 +267,8 @@ def _load_cache(path: str, seq_len: int, source: str) -> TokenizedData:
         lengths, ids, labels, meta = z["lengths"], z["ids"].tolist(), z["labels"].tolist(), z["meta"].tolist()
     bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
     examples = [(ids[a:b], labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    return TokenizedData(examples, seq_len, meta[0], meta[1], meta[2], source)
+    dropped = dict(zip(DROP_REASONS, meta[3:3 + len(DROP_REASONS)]))
+    return TokenizedData(examples, seq_len, meta[1], dropped, meta[2], source, meta[0])
 
 
 # ---- batching ------------------------------------------------------------------------------------------

@@ -223,19 +223,23 @@ def setup_method(model, cfg: TrainConfig) -> LISA | None:
 
 
 def load_data(cfg: TrainConfig, tokenizer, world: World) -> tuple[Batches, list | None]:
-    """This rank's training batches, and the held-out examples (None without held-out data)."""
+    """This rank's training batches, and the held-out examples (None without held-out data). Rank 0 says
+    how many records were read, kept, truncated and dropped, and why (unless --quiet)."""
     tok_args = dict(seq_len=cfg.seq_len, template=cfg.template, train_on_prompt=cfg.train_on_prompt)
-    train_data = tokenize_dataset(read_dataset(cfg.data), tokenizer, **tok_args)
-    if train_data.num_truncated and world.is_main:
-        print(f"note: {train_data.num_truncated} of {len(train_data.examples)} examples were longer than "
-              f"--seq-len {cfg.seq_len} and were truncated", file=sys.stderr)
+    quiet = cfg.quiet or not world.is_main
+    train_data = tokenize_dataset(read_dataset(cfg.data, quiet=quiet), tokenizer, **tok_args)
+    if not quiet:
+        print(f"note: {train_data.summary()}", file=sys.stderr)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batches = Batches(train_data, cfg.batch_size, seed=cfg.seed, shuffle=True, pack=cfg.pack, pad_id=pad_id,
                       rank=world.rank, world_size=world.world_size)
     eval_path = cfg.held_out_data()
     if not eval_path or cfg.eval_every == 0:
         return batches, None
-    return batches, tokenize_dataset(read_dataset(eval_path), tokenizer, **tok_args).examples
+    eval_data = tokenize_dataset(read_dataset(eval_path, quiet=quiet), tokenizer, **tok_args)
+    if not quiet:
+        print(f"note: {eval_data.summary()}", file=sys.stderr)
+    return batches, eval_data.examples
 
 
 def every(flag: int, total: int) -> int:

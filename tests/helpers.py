@@ -8,6 +8,8 @@ import sys
 import torch
 import transformers as tf
 
+from nanolisa.loss import IGNORE_INDEX
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the source checkout
 
 # Tiny random configs of every supported family, as transformers builds them: the parity oracles.
@@ -55,3 +57,18 @@ def one_line_error(p: subprocess.CompletedProcess, code: int = 2) -> str:
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
     return lines[0]
+
+
+def labelled_runs(ids, labels):
+    """Runs of consecutive labelled token ids (checks each label equals its input id)."""
+    runs, cur = [], []
+    for i, l in zip(ids, labels):
+        if l != IGNORE_INDEX:
+            assert l == i
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return runs

@@ -164,6 +164,7 @@ def test_eval_nll_json_equals_library_nll(model_dir, tmp_path, capsys, kind):
         assert n == sum(len(tok.encode(x["text"])) - 1 for x in inst)
     assert r["tokens"] == n and r["nll"] == pytest.approx(total / n, rel=1e-6)
     assert r["ppl"] == pytest.approx(math.exp(total / n), rel=1e-6)
+    assert r["records"] == {"read": len(inst), "kept": len(inst), "truncated": 0, "dropped": {}}  # as train.py counts
 
 
 def test_eval_accuracy_counts_exact_matches(model_dir, tmp_path, capsys):

@@ -9,7 +9,7 @@ from nanolisa import demo_data
 from nanolisa.data import Batches, read_dataset, tokenize_dataset
 from nanolisa.errors import UserError
 from nanolisa.tokenizer import load_tokenizer
-from tests.test_templates import labelled_runs
+from tests.helpers import labelled_runs
 
 CONV = {"system": "Be brief.", "messages": [
     {"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"},
@@ -81,7 +81,7 @@ def test_alpaca_sharegpt_openai_txt(tmp_path, tok):
     for name, text in (("al.json", json.dumps(alpaca)), ("al.jsonl", "\n".join(map(json.dumps, alpaca)))):
         ds = read_dataset(write(tmp_path, name, text))
         assert ds.type == "conversation"
-        assert ds.instances[0]["messages"] == [{"role": "user", "content": "Add\n\n2 and 2"},
+        assert ds.instances[0]["messages"] == [{"role": "user", "content": "Add\n2 and 2"},  # LLaMA-Factory's join
                                                {"role": "assistant", "content": "4"}]
         assert ds.instances[1]["messages"][0]["content"] == "Hi"
         ids, labels = tokenize_dataset(ds, tok, 128, cache_dir=False).examples[0]
@@ -103,8 +103,10 @@ def test_truncation_is_counted_not_fatal(tmp_path, tok):
     inst = [{"input": "x" * 50, "output": "y" * 50}, {"input": "a", "output": "b"}, {"input": "z" * 80, "output": "w"}]
     ds = read_dataset(write(tmp_path, "a.json", {"type": "text2text", "instances": inst}))
     td = tokenize_dataset(ds, tok, 60, cache_dir=False)
-    assert td.num_truncated == 2 and td.num_dropped == 1  # the third has no output left after truncation
+    assert td.num_truncated == 1 and td.num_dropped == 1  # the third has no output left after truncation
     assert all(len(i) <= 60 for i, _ in td.examples) and len(td.examples) == 2
+    assert td.summary() == (f"{ds.source}: 3 records read, 2 kept (1 truncated to --seq-len 60), 1 dropped "
+                            "(1 with no loss-bearing token within --seq-len 60)")
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
@@ -117,11 +119,12 @@ BAD = [
     ("t.json", {"type": "text_only", "instances": [{"text": "a"}, {"txt": "b"}]}, r"instance 1: missing field 'text'"),
     ("t.json", {"type": "text2text", "instances": [{"input": "a", "output": 3}]}, "instance 0: field 'output' must be a string"),
     ("t.json", {"type": "conversation", "instances": [{"messages": [{"role": "bot", "content": "x"}]}]},
-     "instance 0: message 0: unknown role 'bot'"),
+     r"instance 0: messages\[0\]: unknown role 'bot'"),
     ("t.json", {"type": "conversation", "instances": [CONV, {"messages": [
-        {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}]}, "instance 1: message 1: .*alternate"),
+        {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}]},
+     r"instance 1: messages\[1\]: role 'user' \(user\) where 'assistant' was expected"),
     ("t.json", {"type": "conversation", "instances": [{"messages": [{"role": "user", "content": "a"}]}]},
-     "ends with a user message"),
+     "ends with role 'user'"),
     ("t.jsonl", '{"messages": []}\n{oops\n', r"t\.jsonl: line 2: malformed JSON"),
     ("s.json", [{"conversations": [{"from": "robot", "value": "x"}]}], "unknown role 'robot'"),
     ("t.txt", "\n\n  \n", "dataset is empty"),

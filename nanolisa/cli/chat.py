@@ -27,7 +27,7 @@ from nanolisa.cli.common import ArgumentParser, add_runtime_args, load_for_infer
 from nanolisa.errors import UserError
 from nanolisa.generate import Decoder, Sampling, TextStream, stop_ids_for
 from nanolisa.runtime import set_threads
-from nanolisa.templates import render_chat, resolve_template
+from nanolisa.templates import PRESETS, render_chat, resolve_template
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Hugging Face model directory, LoRA adapter directory, or a preset name (default: %(default)s)")
     p.add_argument("--lora", default=None, metavar="DIR", help="LoRA adapter directory to apply on top")
     p.add_argument("--template", default=None,
-                   help="chat template: a preset (chatml, llama3, llama2, ...), a .jinja file or a Jinja "
+                   help=f"chat template: a preset ({', '.join(PRESETS)}), a .jinja file or a Jinja "
                         "string; default: the model's own chat_template")
     p.add_argument("--system", default=None, help="system prompt at the start of every conversation")
     p.add_argument("--prompt", default=None,

@@ -26,7 +26,7 @@ from nanolisa.errors import UserError
 from nanolisa.evaluate import exact_match, nll, perplexity, read_choice_file, score_choices
 from nanolisa.generate import stop_ids_for
 from nanolisa.runtime import set_threads
-from nanolisa.templates import render_chat
+from nanolisa.templates import PRESETS, render_chat
 
 METRICS = ("nll", "accuracy", "choice")
 
@@ -44,8 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="nll: NLL per loss-bearing token and perplexity; accuracy: exact match of greedy "
                         "replies; choice: multiple choice by log-likelihood (default: %(default)s)")
     p.add_argument("--template", default=None,
-                   help="chat template for conversation data (preset name, .jinja file or Jinja string); "
-                        "default: the model's own; use the one you trained with")
+                   help=f"chat template for conversation data (a preset: {', '.join(PRESETS)}; a .jinja file "
+                        "or Jinja string); default: the model's own; use the one you trained with")
     p.add_argument("--train-on-prompt", action="store_true",
                    help="nll: score prompts / user turns too (match train.py's flag)")
     p.add_argument("--seq-len", type=int, default=256,
@@ -76,12 +76,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def eval_nll(model, tokenizer, args) -> dict:
     ds = read_dataset(args.data)
-    examples = tokenize_dataset(ds, tokenizer, seq_len=args.seq_len, template=args.template,
-                                train_on_prompt=args.train_on_prompt).examples[:args.limit]
+    data = tokenize_dataset(ds, tokenizer, seq_len=args.seq_len, template=args.template,
+                            train_on_prompt=args.train_on_prompt)
+    print(f"note: {data.summary()}", file=sys.stderr)
+    examples = data.examples[:args.limit]
     total, n = nll(model, examples, args.batch_size, progress=True)
     if n == 0:
         raise UserError(f"{args.data}: no loss-bearing tokens to score (are the outputs empty?)")
-    return {"nll": total / n, "ppl": perplexity(total, n), "tokens": n, "examples": len(examples)}
+    return {"nll": total / n, "ppl": perplexity(total, n), "tokens": n, "examples": len(examples),
+            "records": data.counts()}
 
 
 def accuracy_pairs(ds, tokenizer, template: str | None) -> tuple[list[list[int]], list[str]]:

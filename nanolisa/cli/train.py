@@ -21,6 +21,7 @@ import sys
 from nanolisa.cli.common import ArgumentParser, add_runtime_args, run_cli
 from nanolisa.presets import RECIPES
 from nanolisa.runtime import return_freed_memory_to_os
+from nanolisa.templates import PRESETS
 from nanolisa.train_config import TrainConfig
 from nanolisa.trainer import Preempted, train
 
@@ -41,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     g.add_argument("--out", default=d.out, help="output directory: the final model, checkpoints/, "
                    "metrics.jsonl and loss.png (default: %(default)s)")
     g.add_argument("--template", default=None, help="chat template for conversation data: a preset name "
-                   "(chatml, llama3, llama2, qwen2, mistral, ...) or, by default, the model's own")
+                   f"({', '.join(PRESETS)}), a .jinja file or Jinja string, or, by default, the model's own")
     g.add_argument("--train-on-prompt", action="store_true", help="take loss on prompts and user turns too "
                    "(default: only on outputs / assistant turns)")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="longer examples are truncated "
@@ -115,7 +116,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     g.add_argument("--log", default=None, help="metrics jsonl path (default: "
                    "--out/checkpoints/metrics.jsonl while the run lasts, --out/metrics.jsonl once it finishes)")
     g.add_argument("--no-plot", action="store_true", help="do not draw --out/loss.png")
-    g.add_argument("--quiet", action="store_true", help="no progress output")
+    g.add_argument("--quiet", action="store_true", help="no progress output and no notes (errors are "
+                   "still printed)")
     a = p.parse_args(argv)
 
     cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__})
