@@ -100,23 +100,34 @@ def check_inputs_exist(cfg: TrainConfig) -> None:
 
 
 @dataclass
-class Step:
-    """What one optimizer step works with."""
+class Run:
+    """Everything a run works with, built by `setup`."""
     cfg: TrainConfig
     world: World
     device: torch.device
     model: torch.nn.Module
+    tokenizer: object
     optimizer: AdamW
     lisa: LISA | None
+    batches: Batches
+    eval_examples: list | None
+    total: int  # optimizer steps of the whole run
     amp: object  # the autocast context (or nullcontext)
     scaler: torch.amp.GradScaler | None
     ddp: torch.nn.Module | None = None  # the DDP wrapper under --parallel ddp
 
 
 def run(cfg: TrainConfig, world: World, device: torch.device) -> dict:
-    """Set up the model, data and optimizer, then train: the loop, one comment per stage."""
+    """Set up, then train from the start or from the checkpoint --resume picks."""
     set_threads(cfg.threads)
     resume_from = broadcast(find_resume_checkpoint(cfg, world) if world.is_main else None, world)
+    r = setup(cfg, world, device)
+    start = load_checkpoint(resume_from, r.model, r.optimizer, r.lisa, r.batches, world) if resume_from else 0
+    return loop(r, start, resume_from)
+
+
+def setup(cfg: TrainConfig, world: World, device: torch.device) -> Run:
+    """The model, which parameters train, how the ranks share it, the data and the optimizer."""
     amp_dtype = DTYPES[cfg.dtype or default_dtype(device)]
     # FSDP2 on GPUs runs bf16/fp16 through its own mixed-precision policy; elsewhere autocast does.
     mp_dtype = amp_dtype if cfg.parallel == "fsdp" and device.type == "cuda" and amp_dtype != torch.float32 else None
@@ -124,7 +135,6 @@ def run(cfg: TrainConfig, world: World, device: torch.device) -> dict:
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 and not mp_dtype else None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-
     # Model in fp32 (mixed precision runs the matmuls in bf16/fp16 when asked), then which parameters
     # train, then (several ranks) how the ranks share it.
     model, tokenizer = load_pretrained(cfg.model, dtype=torch.float32, device=device)
@@ -134,64 +144,61 @@ def run(cfg: TrainConfig, world: World, device: torch.device) -> dict:
     if cfg.parallel == "fsdp":
         shard(model, mp_dtype)
     model.train()
-
     batches, eval_examples = load_data(cfg, tokenizer, world)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(batches) / cfg.grad_accum))
-    eval_every = every(cfg.eval_every, total) if eval_examples is not None else 0
-    save_every = every(cfg.save_every, total)
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = load_checkpoint(resume_from, model, optimizer, lisa, batches, world) if resume_from else 0
-    s = Step(cfg, world, device, model, optimizer, lisa, amp, scaler)
+    return Run(cfg, world, device, model, tokenizer, optimizer, lisa, batches, eval_examples, total, amp, scaler)
 
+
+def loop(r: Run, start: int, last_checkpoint: str | None) -> dict:
+    """The training loop, one comment per stage; then the result is written."""
+    cfg, world, lisa, total = r.cfg, r.world, r.lisa, r.total
+    eval_every = every(cfg.eval_every, total) if r.eval_examples is not None else 0
+    save_every = every(cfg.save_every, total)
     # While the run lasts its metrics live beside its checkpoints, so a run that fails leaves an earlier
     # run's files in --out untouched; the finished run moves them to --out/metrics.jsonl.
     log = MetricsLog(cfg.log or os.path.join(cfg.out, CHECKPOINTS, "metrics.jsonl"),
-                     resume_step=start if resume_from else None) if world.is_main else None
+                     resume_step=start if last_checkpoint else None) if world.is_main else None
     progress = Progress(total, start, cfg.quiet or not world.is_main)
-    data, sigterm = iter(batches), SigtermFlag()
-    last_checkpoint = resume_from
-    if eval_every and start == 0 and log:
-        log.write({"step": 0, "eval_loss": held_out_loss(model, eval_examples, cfg.batch_size, amp)})
-    clock = time.perf_counter()
+    data, sigterm, clock = iter(r.batches), SigtermFlag(), time.perf_counter()
+    if eval_every and start == 0:
+        evaluate(r, 0, log, progress)
     for step in range(start, total):
         # 1. LISA: re-sample the active blocks every `interval` steps (the same on every rank).
-        switched = lisa.maybe_switch(step, optimizer) if lisa else False
+        switched = lisa.maybe_switch(step, r.optimizer) if lisa else False
         if step == start and lisa:
             check_same_on_all_ranks(lisa.active, world, "LISA's active blocks")
-        if cfg.parallel == "ddp" and (s.ddp is None or switched):
-            s.ddp = replicate(model, first=s.ddp is None)
+        if cfg.parallel == "ddp" and (r.ddp is None or switched):
+            r.ddp = replicate(r.model, first=r.ddp is None)
         # 2. Learning rate from the schedule.
         lr = lr_at(step, total, cfg)
-        for group in optimizer.param_groups:
+        for group in r.optimizer.param_groups:
             group["lr"] = lr
         # 3. Forward and backward over the micro-batches of this step, on every rank.
         micro = [next(data) for _ in range(cfg.grad_accum)]
-        local_loss = forward_backward(s, micro)
-        loss, stop = all_sum([local_loss, float(sigterm.raised)], world, device)  # one sync per step
+        loss, stop = all_sum([forward_backward(r, micro), float(sigterm.raised)], world, r.device)  # one sync
         # 4. A non-finite loss never reaches the weights.
         if not math.isfinite(loss):
             progress.close()
             raise UserError(f"loss became {loss} at step {step + 1}; stopped ({kept(last_checkpoint)}). "
                             f"Try a lower --lr or --dtype fp32/bf16")
         # 5. Clip, update, drop the gradients.
-        norm = update(s)
+        norm = update(r)
         # 6. Log, evaluate, checkpoint.
         done, now = step + 1, time.perf_counter()
         tokens_per_s = world.world_size * sum(b["input_ids"].numel() for b in micro) / max(now - clock, 1e-9)
         clock = now
+        row = {"step": done, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm, 6),
+               "tokens_per_s": round(tokens_per_s, 1), **({"active": list(lisa.active)} if lisa else {})}
         if log:
-            log.write({"step": done, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm, 6),
-                       "tokens_per_s": round(tokens_per_s, 1), **({"active": list(lisa.active)} if lisa else {})})
+            log.write(row)
         progress.update(done, {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:.0f}",
                                **({"active": lisa.active} if lisa else {})})
         if eval_every and (done % eval_every == 0 or done == total):
-            eval_loss = held_out_loss(model, eval_examples, cfg.batch_size, amp)
-            if log:
-                log.write({"step": done, "eval_loss": eval_loss})
-            progress.write(f"step {done}: eval_loss={eval_loss:.4f}")
+            evaluate(r, done, log, progress)
         if done < total and (stop or save_every and done % save_every == 0):
-            check_finite_weights(model, world, device, done, last_checkpoint)
-            last_checkpoint = save_checkpoint(cfg.out, done, model, optimizer, lisa, batches, cfg, world)
+            check_finite_weights(r.model, world, r.device, done, last_checkpoint)
+            last_checkpoint = save_checkpoint(cfg.out, done, r.model, r.optimizer, lisa, r.batches, cfg, world)
             if stop:
                 progress.close()
                 raise Preempted(f"stopped by SIGTERM after step {done}; {last_checkpoint} holds the run: "
@@ -199,9 +206,8 @@ def run(cfg: TrainConfig, world: World, device: torch.device) -> dict:
     progress.close()
     if log:
         log.close()
-
-    check_finite_weights(model, world, device, total, last_checkpoint)
-    finish(model, tokenizer, cfg, log, lisa, total, world)
+    check_finite_weights(r.model, world, r.device, total, last_checkpoint)
+    finish(r, log)
     return summary(log.rows) if log else {}
 
 
@@ -266,7 +272,7 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * decay
 
 
-def forward_backward(s: Step, micro: list[dict]) -> float:
+def forward_backward(s: Run, micro: list[dict]) -> float:
     """Accumulate the gradients of one optimizer step over this rank's micro-batches; returns this rank's
     share of the step's loss (the shares of all ranks add up to the mean NLL over every loss-bearing token).
 
@@ -291,7 +297,7 @@ def forward_backward(s: Step, micro: list[dict]) -> float:
     return float(total) / s.world.world_size
 
 
-def update(s: Step) -> float:
+def update(s: Run) -> float:
     """Clip the gradient norm (--clip 0: no clipping), take the AdamW step, drop the gradients; returns the
     global gradient norm before clipping (nan when not clipping)."""
     if s.scaler:
@@ -311,12 +317,16 @@ def update(s: Step) -> float:
     return norm
 
 
-def held_out_loss(model, examples, batch_size: int, amp) -> float:
-    """Mean loss per loss-bearing token over the held-out examples (the metric eval.py reports). Every
+def evaluate(r: Run, step: int, log: MetricsLog | None, progress: Progress) -> None:
+    """The mean loss per loss-bearing token over the held-out examples (the metric eval.py reports). Every
     rank scores all of them: FSDP2 needs every rank in every forward pass."""
-    with amp:
-        total, count = nll(model, examples, batch_size)
-    return total / max(count, 1)
+    with r.amp:
+        total, count = nll(r.model, r.eval_examples, r.cfg.batch_size)
+    eval_loss = total / max(count, 1)
+    if log:
+        log.write({"step": step, "eval_loss": eval_loss})
+    if step:
+        progress.write(f"step {step}: eval_loss={eval_loss:.4f}")
 
 
 def kept(last_checkpoint: str | None) -> str:
@@ -347,12 +357,11 @@ class SigtermFlag:
         self.raised = True
 
 
-def finish(model, tokenizer, cfg: TrainConfig, log: MetricsLog | None, lisa: LISA | None, total: int,
-           world: World) -> None:
+def finish(r: Run, log: MetricsLog | None) -> None:
     """Write the result: a Hugging Face model directory in --out (a PEFT adapter for LoRA, plus the merged
     model with --merge), the metrics and the loss plot; then remove the run's resume checkpoints. Every
     rank takes part (FSDP2 gathers each tensor from the shards); rank 0 writes."""
-    main = world.is_main
+    cfg, model, tokenizer, main = r.cfg, r.model, r.tokenizer, r.world.is_main
     try:
         if cfg.method == "lora":
             save_adapter(model, cfg.out, base_model_name_or_path=cfg.model, writer=main)
@@ -369,9 +378,9 @@ def finish(model, tokenizer, cfg: TrainConfig, log: MetricsLog | None, lisa: LIS
             os.replace(log.path, os.path.join(cfg.out, "metrics.jsonl"))
         remove_checkpoints(cfg.out)
         if cfg.plot:
-            plot_run(log.rows, lisa.history if lisa else [], len(model.blocks), total,
+            plot_run(log.rows, r.lisa.history if r.lisa else [], len(model.blocks), r.total,
                      os.path.join(cfg.out, "loss.png"))
-    barrier(world)
+    barrier(r.world)
 
 
 def summary(rows: list[dict]) -> dict:
