@@ -38,11 +38,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from nanolisa.errors import UserError
 from nanolisa.files import install_dir, read_json, staging_dir, write_json
 from nanolisa.model import unwrap
+from nanolisa.pretrained import OutTensor, write_safetensors
 from nanolisa.tokenizer import TOKENIZER_FILES
 
 Tensor = torch.Tensor
@@ -410,7 +410,9 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str, w
         "revision": None,
     }
     with staging_dir(out_dir, prefix=".tmp-adapter-") as tmp:
-        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        # nanolisa's own writer: safetensors' save_file leaves the file 0600, whatever the umask
+        out = [OutTensor(k, tuple(t.shape), t.dtype, lambda t=t: t, False) for k, t in tensors.items()]
+        write_safetensors(os.path.join(tmp, ADAPTER_WEIGHTS), out, {"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
         write_json(os.path.join(tmp, ADAPTER_CONFIG), config)

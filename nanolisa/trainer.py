@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from nanolisa.adamw import AdamW
-from nanolisa.config import DTYPES
+from nanolisa.config import DTYPES, to_dtype
 from nanolisa.data import Batches, read_dataset, tokenize_dataset
 from nanolisa.errors import UserError
 from nanolisa.evaluate import nll
@@ -45,12 +45,14 @@ from nanolisa.loss import count_loss_tokens, next_token_nll
 from nanolisa.parallel import (World, all_sum, barrier, broadcast, check_same_on_all_ranks, close_world, grad_norm,
                                init_world, launched_world, replicate, shard)
 from nanolisa.plot import plot_run
-from nanolisa.pretrained import load_pretrained, save_pretrained
+from nanolisa.presets import PRESETS
+from nanolisa.pretrained import load_pretrained, save_pretrained, stored_dtype
 from nanolisa.progress import MetricsLog, Progress
 from nanolisa.resume import (CHECKPOINTS, find_resume_checkpoint, load_checkpoint, remove_checkpoints,
                              save_checkpoint)
 from nanolisa.run_dir import RunDir
 from nanolisa.runtime import autocast, default_dtype, set_threads
+from nanolisa.templates import resolve_template
 from nanolisa.train_config import TrainConfig
 
 
@@ -333,18 +335,24 @@ class SigtermFlag:
 def finish(model, tokenizer, cfg: TrainConfig, log: MetricsLog | None, lisa: LISA | None, total: int,
            world: World) -> None:
     """Write the result: a Hugging Face model directory in --out (a PEFT adapter for LoRA, plus the merged
-    model with --merge), the metrics and the loss plot; then remove the run's resume checkpoints. Every
-    rank takes part (FSDP2 gathers each tensor from the shards); rank 0 writes."""
+    model with --merge), with the base's tokenizer files, the metrics and the loss plot; then remove the
+    run's resume checkpoints. Every rank takes part (FSDP2 gathers each tensor from the shards); rank 0
+    writes. Weights are written in the base checkpoint's dtype unless --save-dtype says otherwise."""
     main = world.is_main
+    dtype = to_dtype(cfg.save_dtype) or stored_dtype(model)
+    tokenizer.chat_template = result_chat_template(cfg, tokenizer)
     if cfg.method == "lora":
-        save_adapter(model, cfg.out, base_model_name_or_path=cfg.model, writer=main)
+        save_adapter(model, cfg.out, base_model_name_or_path=cfg.model, writer=main, tokenizer=tokenizer,
+                     dtype=to_dtype(cfg.save_dtype))
         if cfg.merge and main:
             if cfg.parallel == "fsdp":  # the model is in shards: merge the adapter just written into the base
                 model = load_adapter(load_pretrained(cfg.model, dtype=torch.float32)[0], cfg.out)
-            save_pretrained(merge_lora(model), tokenizer, os.path.join(cfg.out, "merged"))
+            save_pretrained(merge_lora(model), tokenizer, os.path.join(cfg.out, "merged"), dtype=dtype)
     else:
-        save_pretrained(model, tokenizer, cfg.out, writer=main)
+        save_pretrained(model, tokenizer, cfg.out, writer=main, dtype=dtype)
     if main:
+        if not cfg.quiet:
+            print(written(cfg, dtype), file=sys.stderr)
         if not cfg.log:
             os.replace(log.path, os.path.join(cfg.out, "metrics.jsonl"))
         remove_checkpoints(cfg.out)
@@ -352,6 +360,26 @@ def finish(model, tokenizer, cfg: TrainConfig, log: MetricsLog | None, lisa: LIS
             plot_run(log.rows, lisa.history if lisa else [], len(model.blocks), total,
                      os.path.join(cfg.out, "loss.png"))
     barrier(world)
+
+
+def written(cfg: TrainConfig, dtype: torch.dtype) -> str:
+    """What finish() wrote, in one line."""
+    how = f"{str(dtype).removeprefix('torch.')} ({'--save-dtype' if cfg.save_dtype else 'the base model dtype'})"
+    if cfg.method != "lora":
+        return f"wrote {cfg.out}: the model in {how}, with the base model's tokenizer files"
+    merged = f"; the merged model in {how} in {os.path.join(cfg.out, 'merged')}" if cfg.merge else ""
+    return f"wrote {cfg.out}: a PEFT adapter in {cfg.save_dtype or 'fp32'} with the base model's tokenizer files{merged}"
+
+
+def result_chat_template(cfg: TrainConfig, tokenizer) -> str | None:
+    """The chat template the result carries: the one named by --template, else the base's own. A preset
+    starts from random weights and knows no template unless it was trained on conversations: its result
+    trained on text or text2text data (the demo) carries none, so chat.py talks to it in completion mode."""
+    if cfg.template is not None:
+        return resolve_template(tokenizer, cfg.template)[1]
+    if cfg.model in PRESETS and not os.path.isdir(cfg.model) and read_dataset(cfg.data).type != "conversation":
+        return None
+    return tokenizer.chat_template
 
 
 def summary(rows: list[dict]) -> dict:

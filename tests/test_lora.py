@@ -297,6 +297,24 @@ def test_merge_cli_end_to_end(base_dirs, tmp_path):
     assert not os.path.exists(tmp_path / "o2")
 
 
+def test_adapter_carries_the_tokenizer_and_merge_uses_it(tmp_path, capsys):
+    """An adapter written with its tokenizer holds the base's tokenizer files (its chat template as changed);
+    the merge CLI writes the adapter's tokenizer into the merged model."""
+    from nanolisa.cli import merge
+    from nanolisa.tokenizer import TINY_DIR, TOKENIZER_FILES, load_tokenizer
+    model, tok = nanolisa.load_pretrained("tiny")
+    apply_lora(model, r=2, alpha=4, targets=["q_proj"])
+    tok.chat_template = None  # as train.py leaves it for the demo (text2text) model
+    adapter, out = str(tmp_path / "adapter"), str(tmp_path / "merged")
+    save_adapter(model, adapter, base_model_name_or_path="tiny", tokenizer=tok)
+    shipped = sorted(f for f in os.listdir(TINY_DIR) if f in TOKENIZER_FILES)
+    assert sorted(f for f in os.listdir(adapter) if f in TOKENIZER_FILES) == shipped
+    assert load_tokenizer(adapter).chat_template is None
+    assert transformers.AutoTokenizer.from_pretrained(adapter).encode("1+2=") == tok.encode("1+2=")
+    merge.main(["--lora", adapter, "--out", out])
+    assert load_tokenizer(out).chat_template is None and load_tokenizer(out).encode("ab") == tok.encode("ab")
+
+
 def test_merge_cli_help_and_wrong_architecture(base_dirs, tmp_path, capsys):
     from nanolisa.cli import merge as cli
     with pytest.raises(SystemExit) as e:

@@ -40,8 +40,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    "split when --data is demo, otherwise none)")
     g.add_argument("--out", default=d.out, help="output directory: the final model, checkpoints/, "
                    "metrics.jsonl and loss.png (default: %(default)s)")
+    g.add_argument("--save-dtype", default=None, choices=["fp32", "bf16", "fp16"], help="dtype of the weights "
+                   "written to --out (default: the base checkpoint's own, as its config.json says; a LoRA "
+                   "adapter is fp32, as peft keeps adapters)")
     g.add_argument("--template", default=None, help="chat template for conversation data: a preset name "
-                   "(chatml, llama3, llama2, qwen2, mistral, ...) or, by default, the model's own")
+                   "(chatml, llama3, llama2, qwen2, mistral, ...) or, by default, the model's own; the result in --out "
+                   "carries it")
     g.add_argument("--train-on-prompt", action="store_true", help="take loss on prompts and user turns too "
                    "(default: only on outputs / assistant turns)")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="longer examples are truncated "
