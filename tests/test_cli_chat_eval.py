@@ -300,3 +300,10 @@ def test_eval_json_is_strict(model_dir, capsys):
     evalcli.main(["--model", model_dir, "--json", "--limit", "4"])
     line = capsys.readouterr().out
     json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+
+
+def test_eval_writes_no_progress_redraws_into_a_log(model_dir):
+    """stderr is not a terminal here (a pipe, as in CI logs or nohup): no tqdm carriage returns."""
+    r = _run("eval.py", "--model", model_dir, "--limit", "16", "--batch-size", "4")
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and r.stdout.startswith("nll ")
