@@ -7,8 +7,9 @@ Usage (`nanolisa train ...` runs the same code as `python train.py ...`):
   python train.py --resume --out out                  # continue an interrupted run, bit-for-bit
   torchrun --standalone --nproc_per_node 4 train.py --model path/to/llama --data chats.jsonl   # 4 GPUs, FSDP2
 
-The final model is written to --out as a Hugging Face directory (transformers, vLLM and llama.cpp's
-converter load it as-is), or as a PEFT adapter for --method lora; resumable checkpoints go to
+The final model is written to --out as a Hugging Face directory with the base's tokenizer files and in the
+base's dtype (what loads the base loads it: transformers, vLLM, llama.cpp's converter for the bases it
+supports), or as a PEFT adapter for --method lora; resumable checkpoints go to
 --out/checkpoints/, the per-step metrics to --out/metrics.jsonl and a loss plot to --out/loss.png.
 LMFlow's flag spellings --lisa_activated_layers and --lisa_interval_steps are accepted too.
 """
