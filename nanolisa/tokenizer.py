@@ -231,7 +231,9 @@ def read_chat_template(path: str, config: dict | None = None) -> str | None:
     if os.path.exists(jinja_path):
         with open(jinja_path, encoding="utf-8") as f:
             return f.read()
-    ct = (config if config is not None else _read_json(os.path.join(path, "tokenizer_config.json"))).get("chat_template")
+    if config is None:
+        config = _read_json(os.path.join(path, "tokenizer_config.json"))
+    ct = config.get("chat_template")
     if isinstance(ct, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {d.get("name"): d.get("template") for d in ct if isinstance(d, dict)}
         ct = named.get("default") or next(iter(named.values()), None)

@@ -368,7 +368,8 @@ def written(cfg: TrainConfig, dtype: torch.dtype) -> str:
     if cfg.method != "lora":
         return f"wrote {cfg.out}: the model in {how}, with the base model's tokenizer files"
     merged = f"; the merged model in {how} in {os.path.join(cfg.out, 'merged')}" if cfg.merge else ""
-    return f"wrote {cfg.out}: a PEFT adapter in {cfg.save_dtype or 'fp32'} with the base model's tokenizer files{merged}"
+    adapter = f"a PEFT adapter in {cfg.save_dtype or 'fp32'} with the base model's tokenizer files"
+    return f"wrote {cfg.out}: {adapter}{merged}"
 
 
 def result_chat_template(cfg: TrainConfig, tokenizer) -> str | None:
