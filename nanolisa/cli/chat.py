@@ -17,7 +17,7 @@ runs on CPU or one GPU.
 
 A model without a chat template (a base model, or the demo model, trained on text2text data) is talked to
 in completion mode, as --raw asks for: each message is fed as-is and the model continues it
-(`python chat.py --model out`, then type `upper(cat)=`). Lines can come from a pipe too
+(`python chat.py --model out`, then `upper(cat)=` gets `CAT`). Lines can come from a pipe too
 (`printf 'upper(cat)=\n' | python chat.py --model out`): one reply per line on stdout, no prompt.
 """
 from __future__ import annotations
