@@ -92,6 +92,7 @@ class ModelConfig:
         d["model_type"] = self.model_type
         d["architectures"] = [ARCHITECTURES[self.model_type]]
         d["vocab_size"] = self.vocab_size
+        d["tie_word_embeddings"] = self.tie_word_embeddings  # false once a LoRA merge untied the head
         # transformers 5 reads "dtype"; older readers (vLLM, llama.cpp's converter) read "torch_dtype".
         d["torch_dtype"] = d["dtype"] = dtype or self.dtype
         return d

@@ -35,6 +35,12 @@ from nanolisa.loss import IGNORE_INDEX, next_token_nll, shift_labels
 Example = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels)
 
 
+def progress_bar(total: int, desc: str, progress: bool) -> tqdm:
+    """A tqdm bar on stderr when `progress` and stderr is a terminal; silent otherwise (disable=None), so logs
+    and pipes get no carriage-return redraws."""
+    return tqdm(total=total, desc=desc, unit="ex", file=sys.stderr, disable=None if progress else True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # NLL and perplexity
 
@@ -50,7 +56,7 @@ def example_nlls(model: torch.nn.Module, examples: Sequence[Example], batch_size
     device = model.lm_head.weight.device
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))  # longest first: OOM shows early
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    bar = tqdm(total=len(examples), desc="nll", unit="ex", file=sys.stderr, disable=not progress)
+    bar = progress_bar(len(examples), "nll", progress)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         T = max(len(examples[i][0]) for i in idx)
@@ -79,7 +85,13 @@ def nll(model: torch.nn.Module, examples: Sequence[Example], batch_size: int = 8
 
 
 def perplexity(total_nll: float, n_tokens: int) -> float:
-    return math.exp(total_nll / n_tokens) if n_tokens else float("nan")
+    """exp(mean NLL); inf when that is past the largest float (a mean NLL above ~709 nats)."""
+    if not n_tokens:
+        return float("nan")
+    try:
+        return math.exp(total_nll / n_tokens)
+    except OverflowError:
+        return float("inf")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,7 +109,7 @@ def exact_match(model: torch.nn.Module, tokenizer, prompts: Sequence[list[int]],
         by_len.setdefault(len(p), []).append(i)
     groups = [g[k:k + batch_size] for g in by_len.values() for k in range(0, len(g), batch_size)]
     preds = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="accuracy", unit="ex", file=sys.stderr, disable=not progress)
+    bar = progress_bar(len(prompts), "accuracy", progress)
     for group in groups:
         replies = greedy_batch(model, [list(prompts[i]) for i in group], max_new_tokens, stop)
         for i, ids in zip(group, replies):
@@ -170,11 +182,20 @@ def continuation_example(tokenizer, context: str, continuation: str) -> Example:
 
 
 def score_choices(model: torch.nn.Module, tokenizer, items: Sequence[dict], batch_size: int = 8,
-                  progress: bool = False) -> dict:
-    """{"acc", "acc_norm", "n"} over the items (see read_choice_file)."""
+                  progress: bool = False, context: int | None = None) -> dict:
+    """{"acc", "acc_norm", "n"} over the items (see read_choice_file). A question and choice longer than
+    `context` tokens, or a score that is not finite, is a UserError: either would make the answer arbitrary."""
     examples = [continuation_example(tokenizer, choice_prompt(item["question"]), " " + choice)
                 for item in items for choice in item["choices"]]
+    question = [k for k, item in enumerate(items) for _ in item["choices"]]  # of each example
+    for (ids, _), k in zip(examples, question):
+        if context is not None and len(ids) > context:
+            raise UserError(f"question {k + 1} with one of its choices is {len(ids)} tokens, longer than the "
+                            f"model's context of {context}")
     per = example_nlls(model, examples, batch_size, progress)
+    if not all(math.isfinite(s) for s, _ in per):
+        raise UserError("a choice's log-likelihood is not finite: the model's logits are not finite numbers "
+                        "(weights with NaN/inf, or fp16 overflow: try --dtype fp32)")
     acc = acc_norm = 0
     k = 0
     for item in items:

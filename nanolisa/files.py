@@ -62,6 +62,11 @@ def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def umask_mode(path: str) -> None:
+    """Give a file another library wrote (safetensors writes 0600) the permissions the umask gives."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_text(path: str, text: str) -> None:
     with atomic_file(path) as f:
         f.write(text)

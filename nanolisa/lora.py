@@ -38,11 +38,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from nanolisa.errors import UserError
 from nanolisa.files import install_dir, read_json, staging_dir, write_json
 from nanolisa.model import unwrap
+from nanolisa.pretrained import OutTensor, write_safetensors
+from nanolisa.tokenizer import TOKENIZER_FILES
 
 Tensor = torch.Tensor
 
@@ -325,10 +326,38 @@ def _peft_target_modules(model: nn.Module) -> list[str]:
     return leaves if picked == wrapped else sorted(wrapped)
 
 
-def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str, writer: bool = True) -> None:
-    """Write the adapter as peft does (adapter_config.json + adapter_model.safetensors), atomically.
+def tied_modules(model: nn.Module) -> tuple[str, str] | None:
+    """(embedding, head) checkpoint names when the head shares the embedding's weight (tie_word_embeddings:
+    Qwen2, Llama 3.2 1B/3B, GPT-2), e.g. ("model.embed_tokens", "lm_head"); None otherwise."""
+    head = getattr(unwrap(model), "lm_head", None)
+    if head is None:
+        return None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and m.weight is head.weight:
+            return clean_name(name), "lm_head"
+    return None
+
+
+def untie_head(model: nn.Module) -> None:
+    """Give the head its own copy of the embedding weight (tie_word_embeddings becomes false)."""
+    root = unwrap(model)
+    w = root.lm_head.weight
+    root.lm_head.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+    root.config.tie_word_embeddings = False
+
+
+def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str, writer: bool = True,
+                 tokenizer=None, dtype: torch.dtype | None = None) -> None:
+    """Write the adapter as peft does (adapter_config.json + adapter_model.safetensors), atomically, with the
+    tokenizer's files beside it when one is given (peft users load the tokenizer from the adapter directory).
+    dtype: of every tensor written (default: as they are; trained adapters are fp32, as peft keeps them).
     Under FSDP2 every rank calls this (the adapter tensors are gathered from their shards); only the
-    `writer` writes."""
+    `writer` writes.
+
+    Tied embeddings: with the embedding or the head in modules_to_save, nanolisa trains the one weight they
+    share, so both change. peft keeps a copy per module of modules_to_save and ties the two copies only when
+    its config says ensure_weight_tying, so the adapter names both modules, holds both copies (peft loads
+    each from its own key) and says ensure_weight_tying (older peft ignores it and still loads equal copies)."""
     mods = lora_modules(model)
     if not mods:
         raise UserError("the model has no LoRA adapters to save (call apply_lora or load_adapter first)")
@@ -338,12 +367,22 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str, w
     one = next(iter(mods.values()))
     cfg = getattr(root, "lora_config", None) or LoRAConfig(one.r, one.alpha, one.dropout, "all-linear",
                                                            one.rslora, one.dora)
+    modules_to_save = list(cfg.modules_to_save)
+    sd = lora_state_dict(model)
+    tied = tied_modules(model)
+    tie = tied is not None and any(_matches(n, modules_to_save) for n in tied)
+    if tie:
+        weight = sd.get(f"{tied[0]}.weight", sd.get(f"{tied[1]}.weight"))
+        for name in tied:
+            sd[f"{name}.weight"] = weight
+            if not _matches(name, modules_to_save):
+                modules_to_save.append(name.rpartition(".")[2])
     tensors = {}
-    for name, t in lora_state_dict(model).items():
+    for name, t in sd.items():
         if _is_conv1d(root, name):  # a GPT-2 Conv1D module saved whole: Hugging Face's (in, out) layout
             t = t.t()
         # .clone(): safetensors refuses tensors sharing memory (a tied lm_head and embedding).
-        tensors[PEFT_PREFIX + name] = t.contiguous().clone().cpu()
+        tensors[PEFT_PREFIX + name] = t.to(dtype or t.dtype).contiguous().clone().cpu()
     if not writer:
         return
     is_gpt2 = bool(getattr(getattr(root, "config", None), "is_gpt2", False))
@@ -360,7 +399,8 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str, w
         "lora_bias": False,
         "use_rslora": one.rslora,
         "use_dora": one.dora,
-        "modules_to_save": list(cfg.modules_to_save) or None,
+        "modules_to_save": modules_to_save or None,
+        "ensure_weight_tying": tie,
         "init_lora_weights": True,
         "inference_mode": True,
         "layers_to_transform": None,
@@ -370,9 +410,15 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str, w
         "revision": None,
     }
     with staging_dir(out_dir, prefix=".tmp-adapter-") as tmp:
-        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        # nanolisa's own writer: safetensors' save_file leaves the file 0600, whatever the umask
+        out = [OutTensor(k, tuple(t.shape), t.dtype, lambda t=t: t, False) for k, t in tensors.items()]
+        write_safetensors(os.path.join(tmp, ADAPTER_WEIGHTS), out, {"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
         write_json(os.path.join(tmp, ADAPTER_CONFIG), config)
-        install_dir(tmp, out_dir, last=ADAPTER_CONFIG)  # keeps whatever else the directory holds
+        # keeps whatever else the directory holds, but not another base's tokenizer files
+        install_dir(tmp, out_dir, stale=lambda name: tokenizer is not None and name in TOKENIZER_FILES,
+                    last=ADAPTER_CONFIG)
 
 
 def read_adapter_config(adapter_dir: str) -> dict:
@@ -412,6 +458,14 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
             raw = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise UserError(f"{wpath}: unreadable safetensors file ({e}); is it truncated?") from None
+    tied, mts = tied_modules(model), c.get("modules_to_save") or []
+    # peft gives each module of modules_to_save its own copy, and ties the embedding's and the head's only
+    # when told to (ensure_weight_tying) and when it knows one of them by name (its EMBEDDING_LAYER_NAMES):
+    # otherwise the head of a tied model no longer follows a trained embedding (nor the embedding a trained
+    # head) there, so it must not here either.
+    peft_ties = c.get("ensure_weight_tying") and any(m.split(".")[-1] in ("embed_tokens", "lm_head") for m in mts)
+    if tied and not peft_ties and any(_matches(n, mts) for n in tied):
+        untie_head(model)
     try:
         apply_lora(model, r=int(c["r"]), alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0),
                    targets=c["target_modules"], rslora=bool(c.get("use_rslora")), dora=bool(c.get("use_dora")))

@@ -35,7 +35,7 @@ from nanolisa.files import install_dir, read_json, staging_dir, write_json
 from nanolisa.model import CausalLM, build_model
 from nanolisa.parallel import full_tensor
 from nanolisa.presets import PRESETS, load_preset
-from nanolisa.tokenizer import load_tokenizer
+from nanolisa.tokenizer import TOKENIZER_FILES, load_tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2
 GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
@@ -265,6 +265,13 @@ def _earlier_weights(out_dir: str) -> set[str]:
     return names
 
 
+def stored_dtype(model: CausalLM) -> torch.dtype:
+    """The dtype the model's checkpoint declares in its config.json (fp32 when it declares none), whatever
+    dtype the model was loaded in: what a fine-tune of it is saved in by default."""
+    hf = model.config.hf
+    return CONFIG_DTYPES.get(hf.get("dtype") or hf.get("torch_dtype") or "float32", torch.float32)
+
+
 def save_pretrained(model: CausalLM, tokenizer, out_dir: str, dtype: str | torch.dtype | None = None,
                     max_shard_bytes: int = SHARD_BYTES, writer: bool = True) -> None:
     """Write model (and tokenizer, if given) as a Hugging Face directory that transformers loads as-is.
@@ -286,9 +293,11 @@ def save_pretrained(model: CausalLM, tokenizer, out_dir: str, dtype: str | torch
         stops = list(getattr(tokenizer, "stop_token_ids", None) or [])
         if len(stops) > 1 and "eos_token_id" not in (getattr(model, "generation_config", None) or {}):
             gen["eos_token_id"] = stops  # so generate() elsewhere also stops at end-of-turn (<|im_end|>, ...)
-        write_json(os.path.join(tmp, "generation_config.json"), gen)
         if tokenizer is not None:
-            tokenizer.save(tmp)
+            tokenizer.save(tmp)  # the base's tokenizer files, copied (its generation_config.json is rewritten next)
+        write_json(os.path.join(tmp, "generation_config.json"), gen)
         write_json(os.path.join(tmp, "config.json"), cfg)
-        earlier = _earlier_weights(out_dir) if os.path.isdir(out_dir) else set()
-        install_dir(tmp, out_dir, stale=earlier.__contains__, last="config.json")
+        # an earlier save's weight files (and tokenizer files, when a tokenizer is written) do not survive
+        stale = (_earlier_weights(out_dir) if os.path.isdir(out_dir) else set()) | \
+            (set(TOKENIZER_FILES) if tokenizer is not None else set())
+        install_dir(tmp, out_dir, stale=stale.__contains__, last="config.json")

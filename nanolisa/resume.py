@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 from nanolisa.errors import UserError
-from nanolisa.files import new_staging_dir, read_json, write_failure
+from nanolisa.files import new_staging_dir, read_json, umask_mode, write_failure
 from nanolisa.parallel import World, barrier, broadcast
 from nanolisa.train_config import RESUMABLE_CHANGES, TrainConfig
 
@@ -77,6 +77,7 @@ def save_checkpoint(out: str, step: int, model, optimizer, lisa, batches, cfg: T
         if torch.cuda.is_available():  # LoRA dropout on a GPU draws from the CUDA generator
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, os.path.join(tmp, f"rng-rank{world.rank}.safetensors"))
+        umask_mode(os.path.join(tmp, f"rng-rank{world.rank}.safetensors"))
         if world.is_main:
             state = {"step": step, "config": dataclasses.asdict(cfg), "world_size": world.world_size,
                      "data": batches.state_dict(), "lisa": lisa.state_dict() if lisa else None,

@@ -4,13 +4,11 @@ A checkpoint ships its tokenizer in one of two forms:
 
 * `tokenizer.json` - a complete pipeline for the Rust `tokenizers` library (normalizer, pre-tokenizer,
   BPE/Unigram/WordPiece model, post-processor that adds BOS/EOS, decoder). We load it as is.
-* `tokenizer.model` - a SentencePiece model (Llama 2, Mistral v0.1, ...). transformers 5 no longer runs
-  SentencePiece itself: it converts the model to the equivalent `tokenizers` pipeline (`LlamaTokenizer`):
-  the same pieces and merges, a Metaspace pre-tokenizer that turns spaces into "▁" and prepends one to the
-  first word, byte fallback for unknown characters, and BOS prepended when `add_bos_token` is set. We read
-  the pieces with the `sentencepiece` library and build the same pipeline, so ids match `AutoTokenizer`
-  exactly (the test suite checks it), and we get character offsets for free, which the chat-template
-  loss masks need (see templates.py).
+* `tokenizer.model` - a SentencePiece model (Llama 2, Mistral v0.1, ...) without a tokenizer.json. We build
+  a `tokenizers` pipeline that encodes exactly as sentencepiece itself does, leading spaces and runs of
+  spaces included (nanolisa/spm.py), so a model is fine-tuned on the ids it was pretrained on, and we get
+  character offsets for free, which the chat-template loss masks need (see templates.py). (transformers
+  converts such a model its own way, which differs from sentencepiece when a text starts with a space.)
 
 Everything around the vocabulary lives in `tokenizer_config.json` (special tokens, `chat_template`,
 `add_bos_token`), `special_tokens_map.json`, `chat_template.jinja` (where transformers 5 writes the
@@ -20,6 +18,10 @@ written as plain strings or as `{"content": ...}` dicts; both are accepted.
 The built-in "tiny" model uses a byte-level tokenizer made by `build_tiny_tokenizer()` and shipped in
 `nanolisa/assets/tiny/`: one token per UTF-8 byte (id = byte value), so any text round-trips exactly, plus
 `<s>`, `</s>`, `<pad>` and the ChatML turn markers `<|im_start|>`, `<|im_end|>`.
+
+Saving. A tokenizer loaded from a directory is saved by copying that directory's tokenizer files byte for
+byte (TOKENIZER_FILES): transformers' fast and slow tokenizers, vLLM and llama.cpp's converter each read
+their own subset of them, and each then loads exactly the tokenizer the base model had.
 """
 from __future__ import annotations
 
@@ -28,13 +30,13 @@ import json
 import os
 from typing import Any
 
-import sentencepiece as spm
 from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers.models import BPE, Unigram
+from tokenizers.models import BPE
 
 from nanolisa.errors import UserError
 from nanolisa.files import copy_file, read_json, write_text
+from nanolisa.spm import tokenizer_from_sentencepiece
 
 TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
 
@@ -42,6 +44,12 @@ TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "t
 # is a stop token for generation, in addition to the tokenizer's EOS (e.g. Llama 3's <|eot_id|>).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|EOT|>", "<|endoftext|>",
                       "<|end_of_text|>")
+
+# Every file a tokenizer may be made of (what `save` copies). generation_config.json is the model's, but its
+# eos_token_id list is what makes generation stop at end-of-turn tokens, so an adapter directory gets it too.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
 
 
 def _token_str(tok: Any) -> str | None:
@@ -79,8 +87,9 @@ class Tokenizer:
     def __init__(self, backend: HFTokenizer, config: dict, *, bos_token: str | None = None,
                  eos_token: str | None = None, pad_token: str | None = None, unk_token: str | None = None,
                  chat_template: str | None = None, extra_eos_ids: list[int] | None = None,
-                 sp_model_path: str | None = None):
+                 sp_model_path: str | None = None, source_dir: str | None = None):
         self.backend = backend
+        self.source_dir = source_dir  # the directory loaded from (None: built in memory)
         self.config = config  # the tokenizer_config.json we were loaded from (written back by save())
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
         self.chat_template = chat_template
@@ -156,9 +165,18 @@ class Tokenizer:
 
     # ---- saving ----------------------------------------------------------------------------------------
     def save(self, out_dir: str) -> None:
-        """Write tokenizer.json (+ tokenizer.model when loaded from one), tokenizer_config.json and
-        special_tokens_map.json, so that both nanolisa and transformers' AutoTokenizer can load `out_dir`."""
+        """Write the tokenizer into out_dir so that nanolisa, transformers, vLLM and llama.cpp load it.
+
+        Loaded from a directory and unchanged since: that directory's tokenizer files, copied byte for byte
+        (see TOKENIZER_FILES), with only the chat template rewritten if it was changed here (set it to None
+        to drop it). Built in memory, or tokens added since loading: tokenizer.json (+ tokenizer.model when
+        loaded from one), tokenizer_config.json and special_tokens_map.json, written from the pipeline."""
         os.makedirs(out_dir, exist_ok=True)
+        if self.source_dir is not None and self._same_as_source():
+            copy_tokenizer_files(self.source_dir, out_dir)
+            if self.chat_template != read_chat_template(out_dir):
+                write_chat_template(out_dir, self.chat_template)
+            return
         write_text(os.path.join(out_dir, "tokenizer.json"), self.backend.to_str(pretty=True))
         if self.sp_model_path and os.path.abspath(os.path.dirname(self.sp_model_path)) != os.path.abspath(out_dir):
             copy_file(self.sp_model_path, os.path.join(out_dir, "tokenizer.model"))
@@ -166,11 +184,12 @@ class Tokenizer:
                                       ("pad_token", self.pad_token), ("unk_token", self.unk_token)) if v is not None}
         config = {k: v for k, v in self.config.items() if k not in ("chat_template",)}
         config.update(specials)
-        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-        # tokenizer.json now carries the exact post-processor: drop flags that would make transformers rebuild it
+        # tokenizer.json now carries the exact pipeline: the generic class uses it as it is (a model-specific
+        # class such as LlamaTokenizer rebuilds parts of it), and flags that would rebuild it are dropped
         config.pop("add_bos_token", None)
         config.pop("add_eos_token", None)
         config.pop("legacy", None)
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=2, ensure_ascii=False))
@@ -182,69 +201,17 @@ class Tokenizer:
             else:
                 write_text(stale, self.chat_template)
 
+    def _same_as_source(self) -> bool:
+        """Whether loading source_dir again gives this pipeline and these special tokens (nothing was added
+        or changed in memory since, the chat template aside)."""
+        again = load_tokenizer(self.source_dir)
+        return again.backend.to_str() == self.backend.to_str() and \
+            (again.bos_token, again.eos_token, again.pad_token, again.unk_token) == \
+            (self.bos_token, self.eos_token, self.pad_token, self.unk_token)
+
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
                 f"pad={self.pad_token!r}, chat_template={'yes' if self.chat_template else 'no'})")
-
-
-# ---- SentencePiece -> tokenizers conversion (what transformers 5's LlamaTokenizer does) -----------------
-def _generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """BPE merges implied by a SentencePiece BPE vocabulary: every way of splitting a piece into two pieces
-    that are themselves in the vocabulary, ranked by the merged piece's id (SentencePiece orders BPE pieces
-    by merge order). Same ranking as transformers' `generate_merges`, so ties break identically."""
-    merges = []
-    for piece, piece_id in vocab.items():
-        local = [(piece[:i], piece[i:], piece_id) for i in range(1, len(piece))
-                 if piece[:i] in vocab and piece[i:] in vocab]
-        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
-        merges.extend(local)
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
-    return [(a, b) for a, b, _ in merges]
-
-
-def _tokenizer_from_sentencepiece(model_path: str, config: dict) -> HFTokenizer:
-    sp = spm.SentencePieceProcessor(model_file=model_path)
-    n = sp.get_piece_size()
-    pieces = [sp.id_to_piece(i) for i in range(n)]
-    # Unigram models expose real log-prob scores; BPE models expose -rank. Tell them apart by the proto's
-    # model type when protobuf is available, else by the scores (BPE scores are exactly -id for normal pieces).
-    is_unigram = False
-    try:
-        from sentencepiece import sentencepiece_model_pb2 as pb  # needs protobuf; optional
-        m = pb.ModelProto()
-        with open(model_path, "rb") as f:
-            m.ParseFromString(f.read())
-        is_unigram = m.trainer_spec.model_type == 1
-    except Exception:  # no protobuf: BPE scores are integers (-merge rank), Unigram scores are log-probs
-        normal = [i for i in range(n) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))]
-        is_unigram = any(float(sp.get_score(i)) != int(sp.get_score(i)) for i in normal)
-    if is_unigram:
-        unk_id = sp.unk_id() if sp.unk_id() >= 0 else 0
-        model = Unigram([(p, float(sp.get_score(i))) for i, p in enumerate(pieces)], unk_id=unk_id,
-                        byte_fallback=any(sp.is_byte(i) for i in range(n)))
-    else:
-        vocab = {p: i for i, p in enumerate(pieces)}
-        unk = pieces[sp.unk_id()] if sp.unk_id() >= 0 else None
-        model = BPE(vocab=vocab, merges=_generate_merges(vocab), unk_token=unk, fuse_unk=True, byte_fallback=True)
-    tok = HFTokenizer(model)
-    # transformers: add_prefix_space defaults to True; legacy defaults to False -> prepend "▁" to the first
-    # word only (not after special tokens); legacy=True -> "always"; add_prefix_space=False -> "never".
-    add_prefix = config.get("add_prefix_space")
-    add_prefix = True if add_prefix is None else bool(add_prefix)
-    scheme = ("first" if not config.get("legacy", False) else "always") if add_prefix else "never"
-    tok.normalizer = None
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
-    seq = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_prefix:
-        seq.append(decoders.Strip(content=" ", left=1))
-    tok.decoder = decoders.Sequence(seq)
-    # Control pieces (<s>, </s>) are special added tokens; user-defined pieces are added, not special.
-    added = []
-    for i in range(n):
-        if sp.is_control(i) or sp.is_unknown(i):
-            added.append(AddedToken(pieces[i], normalized=False, special=True))
-    tok.add_special_tokens(added)
-    return tok
 
 
 def _set_post_processor(tok: HFTokenizer, bos: str | None, eos: str | None, add_bos: bool, add_eos: bool) -> None:
@@ -255,6 +222,47 @@ def _set_post_processor(tok: HFTokenizer, bos: str | None, eos: str | None, add_
     pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
     special = ([(bos, tok.token_to_id(bos))] if add_bos else []) + ([(eos, tok.token_to_id(eos))] if add_eos else [])
     tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+
+def read_chat_template(path: str, config: dict | None = None) -> str | None:
+    """The chat template of a tokenizer directory: chat_template.jinja (where transformers 5 writes it), else
+    tokenizer_config.json's chat_template (a string, or named templates of which "default" is used)."""
+    jinja_path = os.path.join(path, "chat_template.jinja")
+    if os.path.exists(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            return f.read()
+    if config is None:
+        config = _read_json(os.path.join(path, "tokenizer_config.json"))
+    ct = config.get("chat_template")
+    if isinstance(ct, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {d.get("name"): d.get("template") for d in ct if isinstance(d, dict)}
+        ct = named.get("default") or next(iter(named.values()), None)
+    return ct if isinstance(ct, str) else None
+
+
+def write_chat_template(out_dir: str, template: str | None) -> None:
+    """Make `template` the chat template of the tokenizer files in out_dir (None: remove it): written into
+    tokenizer_config.json, which every version of transformers reads, and every other copy removed."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    if template is None and not os.path.exists(path):
+        return
+    config = _read_json(path)
+    config.pop("chat_template", None)
+    if template is not None:
+        config["chat_template"] = template
+    write_text(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def copy_tokenizer_files(src: str, out_dir: str) -> list[str]:
+    """Copy every tokenizer file of src (TOKENIZER_FILES) into out_dir, byte for byte; returns their names."""
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    if os.path.abspath(src) != os.path.abspath(out_dir):
+        for name in names:
+            copy_file(os.path.join(src, name), os.path.join(out_dir, name))
+    return names
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -280,7 +288,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     else:
         sp_path = tm
         try:
-            backend = _tokenizer_from_sentencepiece(tm, config)
+            backend = tokenizer_from_sentencepiece(tm, config)
         except (OSError, RuntimeError) as e:
             raise UserError(f"{tm}: cannot load SentencePiece model ({str(e).splitlines()[0][:200]})") from None
 
@@ -311,22 +319,13 @@ def load_tokenizer(path: str) -> Tokenizer:
         _set_post_processor(backend, bos, eos, bool(config.get("add_bos_token", False)),
                             bool(config.get("add_eos_token", False)))
 
-    chat_template = None
-    jinja_path = os.path.join(path, "chat_template.jinja")
-    if os.path.exists(jinja_path):
-        with open(jinja_path, encoding="utf-8") as f:
-            chat_template = f.read()
-    else:
-        ct = config.get("chat_template")
-        if isinstance(ct, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-            named = {d.get("name"): d.get("template") for d in ct if isinstance(d, dict)}
-            ct = named.get("default") or next(iter(named.values()), None)
-        chat_template = ct if isinstance(ct, str) else None
+    chat_template = read_chat_template(path, config)
 
     gen_eos = gen.get("eos_token_id")
     extra_eos = gen_eos if isinstance(gen_eos, list) else ([gen_eos] if isinstance(gen_eos, int) else [])
     return Tokenizer(backend, config, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
-                     chat_template=chat_template, extra_eos_ids=extra_eos, sp_model_path=sp_path)
+                     chat_template=chat_template, extra_eos_ids=extra_eos, sp_model_path=sp_path,
+                     source_dir=path)
 
 
 # ---- the built-in tiny model's tokenizer ----------------------------------------------------------------

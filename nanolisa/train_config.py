@@ -21,7 +21,7 @@ METHODS = ("lisa", "lora", "full")
 SCHEDULES = ("cosine", "linear", "constant")
 # Settings that may change when a run is resumed; any other difference means it is not the same run.
 RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "log", "out", "plot", "device", "threads",
-                     "quiet"}
+                     "quiet", "save_dtype"}
 PARALLEL = ("fsdp", "ddp")
 # Settings only one method reads: giving one to another method is a mistake, not a harmless no-op.
 METHOD_ONLY = {
@@ -40,6 +40,7 @@ class TrainConfig:
     data: str = "demo"
     eval_data: str | None = None
     out: str = "out"
+    save_dtype: str | None = None  # None: the base checkpoint's dtype (LoRA adapters: fp32, as trained)
     method: str = "lisa"
     lisa_layers: int = 1
     interval: int = 20
@@ -116,6 +117,8 @@ class TrainConfig:
             raise UserError("nothing to train: --lisa-layers 0 with --freeze-embeddings and --freeze-head")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown --schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.save_dtype is not None and self.save_dtype not in DTYPES:
+            raise UserError(f"unknown --save-dtype {self.save_dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise UserError(f"unknown --dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         for name in ("batch_size", "grad_accum", "seq_len"):

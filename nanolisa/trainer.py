@@ -36,7 +36,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from nanolisa.adamw import AdamW
-from nanolisa.config import DTYPES
+from nanolisa.config import DTYPES, to_dtype
 from nanolisa.data import Batches, read_dataset, tokenize_dataset
 from nanolisa.errors import UserError
 from nanolisa.evaluate import nll
@@ -48,12 +48,13 @@ from nanolisa.parallel import (World, all_sum, barrier, broadcast, check_same_on
                                init_world, launched_world, replicate, shard)
 from nanolisa.plot import plot_run
 from nanolisa.presets import PRESETS
-from nanolisa.pretrained import load_pretrained, save_pretrained
+from nanolisa.pretrained import load_pretrained, save_pretrained, stored_dtype
 from nanolisa.progress import MetricsLog, Progress
 from nanolisa.resume import (CHECKPOINTS, find_resume_checkpoint, load_checkpoint, remove_checkpoints,
                              save_checkpoint)
 from nanolisa.run_dir import RunDir
 from nanolisa.runtime import autocast, default_dtype, set_threads
+from nanolisa.templates import resolve_template
 from nanolisa.train_config import TrainConfig
 
 
@@ -359,21 +360,27 @@ class SigtermFlag:
 
 def finish(r: Run, log: MetricsLog | None) -> None:
     """Write the result: a Hugging Face model directory in --out (a PEFT adapter for LoRA, plus the merged
-    model with --merge), the metrics and the loss plot; then remove the run's resume checkpoints. Every
-    rank takes part (FSDP2 gathers each tensor from the shards); rank 0 writes."""
+    model with --merge), with the base's tokenizer files, the metrics and the loss plot; then remove the
+    run's resume checkpoints. Every rank takes part (FSDP2 gathers each tensor from the shards); rank 0
+    writes. Weights are written in the base checkpoint's dtype unless --save-dtype says otherwise."""
     cfg, model, tokenizer, main = r.cfg, r.model, r.tokenizer, r.world.is_main
+    dtype = to_dtype(cfg.save_dtype) or stored_dtype(model)
+    tokenizer.chat_template = result_chat_template(cfg, tokenizer)
     try:
         if cfg.method == "lora":
-            save_adapter(model, cfg.out, base_model_name_or_path=cfg.model, writer=main)
+            save_adapter(model, cfg.out, base_model_name_or_path=cfg.model, writer=main, tokenizer=tokenizer,
+                         dtype=to_dtype(cfg.save_dtype))
             if cfg.merge and main:
                 if cfg.parallel == "fsdp":  # the model is in shards: merge the adapter just written into the base
                     model = load_adapter(load_pretrained(cfg.model, dtype=torch.float32)[0], cfg.out)
-                save_pretrained(merge_lora(model), tokenizer, os.path.join(cfg.out, "merged"))
+                save_pretrained(merge_lora(model), tokenizer, os.path.join(cfg.out, "merged"), dtype=dtype)
         else:
-            save_pretrained(model, tokenizer, cfg.out, writer=main)
+            save_pretrained(model, tokenizer, cfg.out, writer=main, dtype=dtype)
     except (OSError, SafetensorError) as e:
         raise write_failure(f"the final model to {cfg.out}", e) from None
     if main:
+        if not cfg.quiet:
+            print(written(cfg, dtype), file=sys.stderr)
         if not cfg.log:
             os.replace(log.path, os.path.join(cfg.out, "metrics.jsonl"))
         remove_checkpoints(cfg.out)
@@ -381,6 +388,28 @@ def finish(r: Run, log: MetricsLog | None) -> None:
             plot_run(log.rows, r.lisa.history if r.lisa else [], len(model.blocks), r.total,
                      os.path.join(cfg.out, "loss.png"))
     barrier(r.world)
+
+
+def written(cfg: TrainConfig, dtype: torch.dtype) -> str:
+    """What finish() wrote, in one line."""
+    how = f"{str(dtype).removeprefix('torch.')} ({'--save-dtype' if cfg.save_dtype else 'the base model dtype'})"
+    if cfg.method != "lora":
+        return f"wrote {cfg.out}: the model in {how}, with the base model's tokenizer files"
+    merged = f"; the merged model in {how} in {os.path.join(cfg.out, 'merged')}" if cfg.merge else ""
+    adapter = f"a PEFT adapter in {cfg.save_dtype or 'fp32'} with the base model's tokenizer files"
+    return f"wrote {cfg.out}: {adapter}{merged}"
+
+
+def result_chat_template(cfg: TrainConfig, tokenizer) -> str | None:
+    """The chat template the result carries: the one named by --template, else the base's own. A preset
+    starts from random weights and knows no template unless it was trained on conversations: its result
+    trained on text or text2text data (the demo) carries none, so chat.py talks to it in completion mode."""
+    if cfg.template is not None:
+        return resolve_template(tokenizer, cfg.template)[1]
+    preset = cfg.model in PRESETS and not os.path.isdir(cfg.model)
+    if preset and read_dataset(cfg.data, quiet=True).type != "conversation":
+        return None
+    return tokenizer.chat_template
 
 
 def summary(rows: list[dict]) -> dict:

@@ -1,5 +1,5 @@
 """Run by tests/test_distributed.py, alone or under torchrun: two FSDP2 LISA steps on the tiny preset, then
-one JSON line per rank with the parameters that hold AdamW state and the bytes of that state on this rank."""
+one JSON line per rank (printed by rank 0) with the parameters that hold AdamW state and the bytes of that state on this rank."""
 import json
 
 import torch
@@ -26,6 +26,13 @@ for step in range(2):
 names = {p: n for n, p in model.named_parameters()}
 local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
 state_bytes = sum(local(v).numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k != "step")
-print(json.dumps({"rank": world.rank, "active": lisa.active, "names": sorted(names[p] for p in opt.state),
-                  "state_bytes": state_bytes}), flush=True)
+row = {"rank": world.rank, "active": lisa.active, "names": sorted(names[p] for p in opt.state),
+       "state_bytes": state_bytes}
+rows = [row]
+if world.distributed:  # rank 0 prints every rank's line: the ranks' stdout would interleave
+    rows = [None] * world.world_size
+    torch.distributed.all_gather_object(rows, row)
+if world.is_main:
+    for r in rows:
+        print(json.dumps(r), flush=True)
 close_world()

@@ -96,7 +96,8 @@ def test_choice_metric_json(model_dir, tmp_path, capsys):
     ("chat.py", ["--model", "/no/such/dir", "--prompt", "hi"]),
     ("chat.py", ["--prompt", "hi", "--top-p", "1.5"]),
     ("chat.py", ["--no-such-flag"]),
-    ("chat.py", ["--raw"]),
+    ("chat.py", ["--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")]),  # latin-1 bytes in argv
+    ("chat.py", ["--system", b"\xff".decode("utf-8", "surrogateescape")]),
     ("eval.py", ["--model", "/no/such/dir"]),
     ("eval.py", ["--metric", "choice", "--data", "/no/such/file.jsonl"]),
     ("eval.py", ["--metric", "bogus"]),
@@ -108,6 +109,62 @@ def test_bad_input_is_one_line(script, args):
     assert r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
     assert "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def plain_model_dir(model_dir, tmp_path_factory):
+    """model_dir without a chat template (a base model, or the demo model trained on text2text)."""
+    import shutil
+    from nanolisa.tokenizer import write_chat_template
+    d = tmp_path_factory.mktemp("plain") / "model"
+    shutil.copytree(model_dir, d)
+    write_chat_template(str(d), None)
+    return str(d)
+
+
+def test_template_less_model_chats_in_completion_mode_through_a_pipe(plain_model_dir):
+    """Each line is continued as plain text, one reply per line on stdout (no prompts), and the session says
+    once that it is in completion mode."""
+    model, tok = nanolisa.load_pretrained(plain_model_dir)
+    assert tok.chat_template is None
+    lines = ["upper(cat)=", "abc", "/reset", "upper(cat)="]
+    r = _run("chat.py", "--model", plain_model_dir, "--max-new-tokens", "6", "--device", "cpu",
+             input="".join(line + "\n" for line in lines))
+    assert r.returncode == 0, r.stderr
+    expected = [tok.decode(generate(model, tok.encode(x), 6, stop_ids=tok.stop_token_ids), skip_special_tokens=True)
+                for x in ("upper(cat)=", "abc", "upper(cat)=")]
+    assert r.stdout == "".join(e + "\n" for e in expected)
+    assert r.stderr.count("completion mode") == 1 and "Traceback" not in r.stderr
+
+
+def test_raw_works_interactively_and_ignores_the_template(model_dir, monkeypatch, capsys):
+    model, tok = nanolisa.load_pretrained(model_dir)
+    lines = iter(["Once", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    chat.main(["--model", model_dir, "--raw", "--max-new-tokens", "7"])
+    out, err = capsys.readouterr()
+    assert out == tok.decode(generate(model, tok.encode("Once"), 7, stop_ids=tok.stop_token_ids),
+                             skip_special_tokens=True) + "\n"
+    assert "completion mode" not in err  # asked for: nothing to explain
+
+
+def test_a_one_token_reply_reports_no_nan_speed(model_dir, capsys):
+    chat.main(["--model", model_dir, "--raw", "--prompt", "x", "--max-new-tokens", "1", "--ignore-eos"])
+    err = capsys.readouterr().err
+    assert "[1 token;" in err and "nan" not in err
+
+
+def test_non_utf8_stdin_is_an_error_line_and_the_session_goes_on(plain_model_dir):
+    import subprocess
+    import sys
+    from tests.helpers import ROOT
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), "--model", plain_model_dir,
+                        "--max-new-tokens", "3", "--ignore-eos"], input=b"caf\xe9\nabc\n", capture_output=True,
+                       timeout=300, cwd=ROOT)
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "Traceback" not in err, err
+    assert "error: the message is not valid UTF-8 text (byte 0xe9 at position 3)" in err
+    assert len(r.stdout.decode().splitlines()) == 1  # the second line was answered
 
 
 def test_subprocess_one_shot_stdout_is_only_the_reply(model_dir):
@@ -206,3 +263,50 @@ def test_eval_bad_data_is_one_line(model_dir, tmp_path, case):
                 tmp_path / "t.json", {"type": "text_only", "instances": [{"text": "abc"}]})]}[case]
     r = _run("eval.py", "--model", model_dir, *args)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_eval_refuses_a_seq_len_past_the_context(model_dir, tmp_path):
+    r = _run("eval.py", "--model", model_dir, "--seq-len", "6000")
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: --seq-len 6000 is longer than the model's context of 256 positions (max_position_embeddings); "
+        "use --seq-len 256 or less"]
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"question": "x" * 300, "choices": ["a", "b"], "answer": 0}) + "\n")
+    r = _run("eval.py", "--model", model_dir, "--metric", "choice", "--data", str(long))
+    assert r.returncode == 2 and "longer than the model's context of 256" in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def nan_model_dir(model_dir, tmp_path_factory):
+    model, tok = nanolisa.load_pretrained(model_dir)
+    with torch.no_grad():
+        model.lm_head.weight[5].fill_(float("nan"))
+    d = str(tmp_path_factory.mktemp("nan") / "model")
+    nanolisa.save_pretrained(model, tok, d)
+    return d
+
+
+@pytest.mark.parametrize("metric", ["nll", "choice"])
+def test_eval_never_prints_nan(nan_model_dir, tmp_path, metric):
+    """A non-finite score is an error (exit 2, one line), not `NaN` in the JSON with exit 0."""
+    data = ["--data", _write(tmp_path / "mc.jsonl", {"question": "1+1", "choices": ["2", "3"], "answer": 0})] \
+        if metric == "choice" else []
+    r = _run("eval.py", "--model", nan_model_dir, "--metric", metric, "--json", *data)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()  # the nll metric first says what it read (issue 11's counts line)
+    assert lines[-1].startswith("error: ") and "not finite" in lines[-1]
+    assert lines[:-1] == ([] if metric == "choice" else [l for l in lines if l.startswith("note: demo:")])
+
+
+def test_eval_json_is_strict(model_dir, capsys):
+    evalcli.main(["--model", model_dir, "--json", "--limit", "4"])
+    line = capsys.readouterr().out
+    json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+
+
+def test_eval_writes_no_progress_redraws_into_a_log(model_dir):
+    """stderr is not a terminal here (a pipe, as in CI logs or nohup): no tqdm carriage returns."""
+    r = _run("eval.py", "--model", model_dir, "--limit", "16", "--batch-size", "4")
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and r.stdout.startswith("nll ")

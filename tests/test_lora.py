@@ -26,6 +26,10 @@ GPT2_ALL = ["c_attn", "c_proj", "c_fc"]
 
 
 def _hf_config(arch: str):
+    if arch == "qwen2":  # tied embeddings, as Qwen2 and Llama 3.2 1B/3B have
+        return transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=True)
     if arch == "llama":
         return transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -36,12 +40,11 @@ def _hf_config(arch: str):
 
 @pytest.fixture(scope="module")
 def base_dirs(tmp_path_factory):
-    """One saved tiny HF model per architecture: {"llama": dir, "gpt2": dir}."""
+    """One saved tiny HF model per architecture: {"llama": dir, "gpt2": dir, "qwen2": dir} (the last two tied)."""
     dirs = {}
-    for arch in ("llama", "gpt2"):
+    for arch in ("llama", "gpt2", "qwen2"):
         torch.manual_seed(0)
-        cfg = _hf_config(arch)
-        m = (transformers.LlamaForCausalLM if arch == "llama" else transformers.GPT2LMHeadModel)(cfg)
+        m = transformers.AutoModelForCausalLM.from_config(_hf_config(arch))
         d = str(tmp_path_factory.mktemp(arch))
         m.save_pretrained(d)
         dirs[arch] = d
@@ -294,6 +297,24 @@ def test_merge_cli_end_to_end(base_dirs, tmp_path):
     assert not os.path.exists(tmp_path / "o2")
 
 
+def test_adapter_carries_the_tokenizer_and_merge_uses_it(tmp_path, capsys):
+    """An adapter written with its tokenizer holds the base's tokenizer files (its chat template as changed);
+    the merge CLI writes the adapter's tokenizer into the merged model."""
+    from nanolisa.cli import merge
+    from nanolisa.tokenizer import TINY_DIR, TOKENIZER_FILES, load_tokenizer
+    model, tok = nanolisa.load_pretrained("tiny")
+    apply_lora(model, r=2, alpha=4, targets=["q_proj"])
+    tok.chat_template = None  # as train.py leaves it for the demo (text2text) model
+    adapter, out = str(tmp_path / "adapter"), str(tmp_path / "merged")
+    save_adapter(model, adapter, base_model_name_or_path="tiny", tokenizer=tok)
+    shipped = sorted(f for f in os.listdir(TINY_DIR) if f in TOKENIZER_FILES)
+    assert sorted(f for f in os.listdir(adapter) if f in TOKENIZER_FILES) == shipped
+    assert load_tokenizer(adapter).chat_template is None
+    assert transformers.AutoTokenizer.from_pretrained(adapter).encode("1+2=") == tok.encode("1+2=")
+    merge.main(["--lora", adapter, "--out", out])
+    assert load_tokenizer(out).chat_template is None and load_tokenizer(out).encode("ab") == tok.encode("ab")
+
+
 def test_merge_cli_help_and_wrong_architecture(base_dirs, tmp_path, capsys):
     from nanolisa.cli import merge as cli
     with pytest.raises(SystemExit) as e:
@@ -348,3 +369,65 @@ def test_half_precision_base(base_dirs):
         merged = model.get_submodule("model.layers.0.self_attn.q_proj").weight
         assert merged.dtype == torch.bfloat16
         torch.testing.assert_close(merged.float(), expected, atol=0, rtol=2 ** -8)
+
+
+# ---- tied embeddings (Qwen2, Llama 3.2 1B, GPT-2) with modules_to_save ----------------------------------
+
+EMBED = {"qwen2": "embed_tokens", "gpt2": "wte", "llama": "embed_tokens"}
+TIED_CASES = [(arch, mts) for arch in ("qwen2", "gpt2", "llama")
+              for mts in ([], ["EMB"], ["lm_head"], ["EMB", "lm_head"])]
+
+
+def _mts(arch, mts):
+    return [EMBED[arch] if m == "EMB" else m for m in mts]
+
+
+@pytest.mark.parametrize("arch,mts", TIED_CASES, ids=[f"{a}-{'+'.join(m) or 'none'}" for a, m in TIED_CASES])
+def test_tied_embeddings_nanolisa_adapter_in_peft(base_dirs, tmp_path, arch, mts):
+    """nanolisa trains the one weight a tied embedding and head share: the adapter tells peft so (both copies,
+    ensure_weight_tying), and peft's logits equal nanolisa's."""
+    mts = _mts(arch, mts)
+    model = nanolisa.load_model(base_dirs[arch]).eval()
+    apply_lora(model, r=4, alpha=8, targets="all-linear")
+    randomise(model)
+    mark_only_lora_trainable(model, modules_to_save=mts)
+    perturb_modules(model, mts)
+    out = str(tmp_path / "adapter")
+    save_adapter(model, out, base_model_name_or_path=base_dirs[arch])
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert cfg["ensure_weight_tying"] is (arch != "llama" and bool(mts))
+    pm = peft.PeftModel.from_pretrained(hf_model(base_dirs[arch]), out).eval()
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pm(x).logits, atol=ATOL, rtol=0)
+    # and back: nanolisa reads its own adapter to the same model (still tied)
+    again = load_adapter(nanolisa.load_model(base_dirs[arch]).eval(), out)
+    assert again.config.tie_word_embeddings == (arch != "llama")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("tying", [False, True])
+@pytest.mark.parametrize("arch,mts", TIED_CASES, ids=[f"{a}-{'+'.join(m) or 'none'}" for a, m in TIED_CASES])
+def test_tied_embeddings_peft_adapter_in_nanolisa_and_merged(base_dirs, tmp_path, arch, mts, tying):
+    """peft's adapters for a tied base, with and without ensure_weight_tying, load to peft's logits; merged,
+    they are a checkpoint transformers loads to the same logits (untied where peft untied the copies)."""
+    import warnings
+    mts = _mts(arch, mts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(hf_model(base_dirs[arch]), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=mts or None,
+            ensure_weight_tying=tying)).eval()
+    randomise_peft(pm)
+    out = str(tmp_path / "peft_adapter")
+    pm.save_pretrained(out)
+    model = load_adapter(nanolisa.load_model(base_dirs[arch]).eval(), out)
+    x = ids()
+    with torch.no_grad():
+        theirs = pm(x).logits
+        torch.testing.assert_close(model(x), theirs, atol=ATOL, rtol=0)
+    merged = str(tmp_path / "merged")
+    nanolisa.save_pretrained(merge_lora(model), None, merged)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(merged)(x).logits, theirs, atol=ATOL, rtol=0)

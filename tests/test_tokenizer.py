@@ -1,8 +1,10 @@
-"""Tokenizer parity: nanolisa.tokenizer must give the ids and text transformers.AutoTokenizer gives.
+"""Tokenizer parity: nanolisa.tokenizer must give the ids and text transformers.AutoTokenizer gives, and for a
+bare SentencePiece model (tokenizer.model, no tokenizer.json) the ids sentencepiece itself gives.
 
-Three tokenizers are checked: a BPE tokenizer.json trained here with `tokenizers`, a SentencePiece BPE
-model trained here (Llama-2 style tokenizer.model, converted the way transformers 5 converts it), and the
-tiny tokenizer shipped in nanolisa/assets/tiny. All built offline in well under a second each.
+The tokenizers checked: a BPE tokenizer.json trained here with `tokenizers`, SentencePiece models trained
+here (a Llama-2 style BPE tokenizer.model, one with whitespace-only pieces as code models have, and a
+Unigram one with NFKC normalization and extra-whitespace removal), and the tiny tokenizer shipped in
+nanolisa/assets/tiny. All built offline in well under a second each.
 """
 import json
 import os
@@ -10,7 +12,7 @@ import os
 import pytest
 
 from nanolisa.errors import UserError
-from nanolisa.tokenizer import TINY_DIR, build_tiny_tokenizer, load_tokenizer
+from nanolisa.tokenizer import TINY_DIR, TOKENIZER_FILES, build_tiny_tokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -103,10 +105,76 @@ def test_bpe_tokenizer_json_matches_transformers(bpe_dir):
     assert ours.token_to_id("<|im_end|>") in ours.stop_token_ids
 
 
-def test_sentencepiece_model_matches_transformers(sp_dir):
-    ours, ref = _check_parity(sp_dir)
-    assert ours.encode("Hello")[0] == 1  # Llama-style: BOS prepended because add_bos_token is true
+# Text where sentencepiece and a converted tokenizer can part: runs of spaces, leading spaces, tabs,
+# newlines, digits (split one by one), characters outside the vocabulary (byte fallback), NFKC-foldable
+# characters, combining marks, a literal "▁" (sentencepiece's own space symbol).
+ADVERSARIAL = [
+    "Hello world", " Hello  world ", "  lead", " lead", "    ", " ", "\t", "\n", "a  b", "a   b     c", "x\t\ty",
+    "\tx", "\n\nx", "line\n\nnext", "trail  ", "12345 678", " 42", "  007", "héllo 世界 🙂", "e\u0301 ﬁ ① ｆ",
+    "\u3000x \u3000", "a ▁ b", "▁▁x", "", "def  f():\n    return  1\n", "  \n  \t  ", "The quick brown fox.",
+]
+
+
+def fuzz_texts(n=400, seed=0):
+    import random
+    rng = random.Random(seed)
+    alphabet = [" ", " ", " ", "\t", "\n", "a", "The", "fox", "1", "23", "é", "世", "🙂", "▁", "ﬁ", "\u3000"]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
+def train_sentencepiece(d, corpus, **kw):
+    spm = pytest.importorskip("sentencepiece")
+    (d / "corpus.txt").write_text("\n".join(corpus))
+    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"),
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, **kw)
+    os.remove(d / "corpus.txt")
+    os.remove(d / "tokenizer.vocab")
+    return str(d)
+
+
+@pytest.fixture(scope="module", params=["llama-bpe", "whitespace-bpe", "nfkc-unigram"])
+def sp_models(request, sp_dir, tmp_path_factory):
+    """Bare SentencePiece models (no tokenizer.json, no tokenizer_config.json unless Llama's)."""
+    if request.param == "llama-bpe":
+        return sp_dir
+    d = tmp_path_factory.mktemp(request.param)
+    code = [" " * (i % 9) + "def  fox(the):\treturn  1" + " " * (i % 3) for i in range(60)]
+    if request.param == "whitespace-bpe":  # runs of spaces become pieces ("▁▁", "▁▁▁▁", ...), as in code models
+        return train_sentencepiece(d, CORPUS * 10 + code, vocab_size=380, model_type="bpe", byte_fallback=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   allow_whitespace_only_pieces=True, split_digits=True, character_coverage=1.0)
+    return train_sentencepiece(d, CORPUS * 10 + code + ["ﬁne ① ｆｕｌｌ"] * 5, vocab_size=340, model_type="unigram",
+                               byte_fallback=True, character_coverage=0.9995)  # nmt_nfkc, remove_extra_whitespaces
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_sentencepiece_model_encodes_as_sentencepiece(sp_models, legacy, tmp_path):
+    """A bare tokenizer.model gives sentencepiece's own ids and text, leading spaces and runs of spaces
+    included (transformers' conversion drops the space a leading space gets in front of it)."""
+    import shutil
+
+    spm = pytest.importorskip("sentencepiece")
+    shutil.copy(os.path.join(sp_models, "tokenizer.model"), tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": legacy, "add_bos_token": True}))
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    ours = load_tokenizer(str(tmp_path))
     assert ours.sp_model_path is not None
+    for text in ADVERSARIAL + fuzz_texts():
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ids == sp.encode(text), (text, [sp.id_to_piece(i) for i in ids], sp.encode(text, out_type=str))
+        assert ours.encode(text) == [sp.bos_id()] + ids
+        assert ours.decode(ids) == sp.decode(ids), text
+    # after a special token the prefix space goes only with legacy: true (transformers' `legacy` flag)
+    after = ours.encode("</s>fox", add_special_tokens=False)
+    assert after[0] == ours.eos_token_id and (after[1:] == sp.encode("fox")) is legacy
+
+
+def test_sentencepiece_model_matches_transformers_but_for_leading_spaces(sp_dir):
+    """transformers converts a bare tokenizer.model to the same ids, except that a text starting with a space
+    loses the prefix space sentencepiece puts before it."""
+    ours, ref = _check_parity(sp_dir, [s for s in SAMPLES if not s.startswith(" ")])
+    assert ours.encode("Hello")[0] == 1  # Llama-style: BOS prepended because add_bos_token is true
+    assert ours.encode(" Hello") != ref.encode(" Hello")
 
 
 def test_sentencepiece_add_eos_flag(sp_dir, tmp_path):
@@ -116,7 +184,7 @@ def test_sentencepiece_add_eos_flag(sp_dir, tmp_path):
     cfg = json.load(open(os.path.join(sp_dir, "tokenizer_config.json")))
     cfg.update(add_bos_token=False, add_eos_token=True)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
-    ours, _ = _check_parity(str(tmp_path), SAMPLES[:3])
+    ours, _ = _check_parity(str(tmp_path), [SAMPLES[0], SAMPLES[2]])  # (no leading space: see above)
     assert ours.encode("Hello")[-1] == ours.eos_token_id and ours.encode("Hello")[0] != ours.bos_token_id
 
 
@@ -137,21 +205,76 @@ def test_tiny_tokenizer_matches_transformers_and_round_trips():
     assert "<|im_start|>assistant\nyo<|im_end|>" in ref.apply_chat_template(m, tokenize=False)
 
 
-@pytest.mark.parametrize("which", ["bpe", "sp", "tiny"])
-def test_save_then_autotokenizer_loads_same_ids(which, bpe_dir, sp_dir, tmp_path):
-    src = {"bpe": bpe_dir, "sp": sp_dir, "tiny": TINY_DIR}[which]
+@pytest.fixture
+def llama2_dir(sp_dir, tmp_path):
+    """A Llama 2 / Mistral style directory: tokenizer.model AND tokenizer.json (what transformers made of it),
+    plus every other file such a checkpoint may carry."""
+    import shutil
+    d = tmp_path / "llama2"
+    d.mkdir()
+    shutil.copy(os.path.join(sp_dir, "tokenizer.model"), d / "tokenizer.model")
+    cfg = json.load(open(os.path.join(sp_dir, "tokenizer_config.json")))
+    transformers.AutoTokenizer.from_pretrained(sp_dir).backend_tokenizer.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "LlamaTokenizerFast"}, indent=1))
+    (d / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    (d / "added_tokens.json").write_text("{}")
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    (d / "chat_template.jinja").write_text(CHATML)
+    return str(d)
+
+
+@pytest.mark.parametrize("which", ["bpe", "sp", "llama2", "tiny"])
+def test_save_copies_every_tokenizer_file(which, bpe_dir, sp_dir, llama2_dir, tmp_path):
+    """A loaded tokenizer saves as its directory's files, byte for byte: every tool (transformers fast and
+    slow, llama.cpp's converter) loads the output exactly as it loads the base."""
+    src = {"bpe": bpe_dir, "sp": sp_dir, "llama2": llama2_dir, "tiny": TINY_DIR}[which]
     ours = load_tokenizer(src)
     out = tmp_path / "saved"
     ours.save(str(out))
+    files = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(src, f))]
+    assert sorted(os.listdir(out)) == sorted(files)
+    for f in files:
+        assert (out / f).read_bytes() == open(os.path.join(src, f), "rb").read(), f
+    again, ref, ref_src = load_tokenizer(str(out)), transformers.AutoTokenizer.from_pretrained(str(out)), \
+        transformers.AutoTokenizer.from_pretrained(src)
+    for s in SAMPLES:
+        assert ours.encode(s) == again.encode(s) and ref.encode(s) == ref_src.encode(s), s
+    assert again.chat_template == ours.chat_template == ref.chat_template
+    if which in ("sp", "llama2"):  # the slow (sentencepiece) tokenizer needs tokenizer.model: it is there
+        slow = transformers.AutoTokenizer.from_pretrained(str(out), use_fast=False)
+        assert slow.encode("Hello world") == ref_src.encode("Hello world")
+
+
+@pytest.mark.parametrize("which", ["bpe", "sp", "tiny"])
+def test_a_changed_chat_template_is_written(which, bpe_dir, sp_dir, tmp_path):
+    src = {"bpe": bpe_dir, "sp": sp_dir, "tiny": TINY_DIR}[which]
+    ours = load_tokenizer(src)
+    for template in ("{{ messages[0]['content'] }}", None):
+        ours.chat_template = template
+        out = tmp_path / str(template is None)
+        ours.save(str(out))
+        assert load_tokenizer(str(out)).chat_template == template
+        assert transformers.AutoTokenizer.from_pretrained(str(out)).chat_template == template
+        assert (out / "tokenizer.json").exists() == (which != "sp")  # still the copied files
+
+
+@pytest.mark.parametrize("which", ["bpe", "sp", "tiny"])
+def test_a_tokenizer_changed_in_memory_is_saved_as_it_is(which, bpe_dir, sp_dir, tmp_path):
+    """Tokens added after loading: the pipeline itself is written (tokenizer.json), and transformers loads
+    it to the same ids (for a SentencePiece model that is nanolisa's exact-sentencepiece pipeline)."""
+    from tokenizers import AddedToken
+    src = {"bpe": bpe_dir, "sp": sp_dir, "tiny": TINY_DIR}[which]
+    ours = load_tokenizer(src)
+    ours.backend.add_special_tokens([AddedToken("<|extra|>", special=True, normalized=False)])
+    out = tmp_path / "saved"
+    ours.save(str(out))
     assert (out / "tokenizer.json").exists() and (out / "special_tokens_map.json").exists()
-    if which == "sp":
-        assert (out / "tokenizer.model").exists()
+    assert (out / "tokenizer.model").exists() == (which == "sp")
     ref = transformers.AutoTokenizer.from_pretrained(str(out))
     again = load_tokenizer(str(out))
-    for s in SAMPLES:
+    for s in SAMPLES + ["a<|extra|> b"]:
         assert ref.encode(s) == ours.encode(s) == again.encode(s), s
-    assert again.chat_template == ours.chat_template
-    assert ref.chat_template == ours.chat_template
+    assert again.chat_template == ours.chat_template == ref.chat_template
 
 
 def test_chat_template_from_jinja_file_and_generation_config(bpe_dir, tmp_path):

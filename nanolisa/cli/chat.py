@@ -14,6 +14,11 @@ In the chat, /reset starts a new conversation (the system prompt stays), Ctrl-C 
 and each reply stops at EOS or the template's end-of-turn token. Each turn only prefills what is new: the
 cached keys and values of the conversation so far are reused (see nanolisa/generate.py). Single process;
 runs on CPU or one GPU.
+
+A model without a chat template (a base model, or the demo model, trained on text2text data) is talked to
+in completion mode, as --raw asks for: each message is fed as-is and the model continues it
+(`python chat.py --model out`, then `upper(cat)=` gets `CAT`). Lines can come from a pipe too
+(`printf 'upper(cat)=\n' | python chat.py --model out`): one reply per line on stdout, no prompt.
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", default=None,
                    help="one-shot mode: reply to this message, print only the reply to stdout, and exit")
     p.add_argument("--raw", action="store_true",
-                   help="with --prompt: feed the prompt as-is (plain completion), without the chat template")
+                   help="completion mode: feed each message as-is and let the model continue it, without the "
+                        "chat template (the default for a model that has none)")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="most tokens per reply (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0,
@@ -61,9 +67,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
-    if args.raw and args.prompt is None:
-        p.error("--raw only applies to a one-shot --prompt")
+    for flag in ("prompt", "system"):
+        if getattr(args, flag) is not None:
+            check_text(getattr(args, flag), f"--{flag}")
     return args
+
+
+def check_text(text: str, where: str) -> None:
+    """Text must be valid UTF-8: bytes that are not arrive (from argv, or a terminal set to another
+    encoding) as lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"character U+{c:04X}"
+        raise UserError(f"{where} is not valid UTF-8 text ({what} at position {e.start})") from None
 
 
 class Chat:
@@ -77,7 +95,11 @@ class Chat:
         if args.temperature > 0:
             seed = args.seed if args.seed is not None else torch.seed()
             self.generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
-        if not args.raw:
+        self.raw = args.raw or (args.template is None and not tokenizer.chat_template)
+        if self.raw and not args.raw:
+            print(f"note: {args.model} has no chat template: completion mode, each message is continued as "
+                  f"plain text (--template NAME chats with a template)", file=sys.stderr)
+        if not self.raw:
             resolve_template(tokenizer, args.template)  # fail now, not at the first message
         self.stop_ids = [] if args.ignore_eos else stop_ids_for(tokenizer, args.template)
         self.messages: list[dict] = []
@@ -87,7 +109,7 @@ class Chat:
         self.messages = [{"role": "system", "content": self.args.system}] if self.args.system else []
 
     def prompt_ids(self, user: str) -> list[int]:
-        if self.args.raw:
+        if self.raw:
             return self.tokenizer.encode(user)
         text = render_chat(self.messages + [{"role": "user", "content": user}], self.tokenizer,
                            self.args.template, add_generation_prompt=True)
@@ -96,6 +118,7 @@ class Chat:
 
     def reply(self, user: str, out) -> str:
         """Stream the reply to `out`; report speed on stderr; remember the turn."""
+        check_text(user, "the message")
         ids = self.prompt_ids(user)
         stream = TextStream(self.tokenizer)
         t0 = time.perf_counter()
@@ -110,21 +133,26 @@ class Chat:
         out.write(stream.flush() + "\n")
         out.flush()
         t1 = time.perf_counter()
-        # decode speed: tokens after the first, over the time after it (the first waits for the prefill)
-        rate = (n - 1) / (t1 - t_first) if n > 1 and t1 > t_first else float("nan")
+        # decode speed: tokens after the first, over the time after it (the first waits for the prefill);
+        # a reply of one token has no such time
+        rate = f", {(n - 1) / (t1 - t_first):.1f} tok/s" if n > 1 and t1 > t_first else ""
         first = f"{(t_first or t1) - t0:.2f}s"
-        print(f"[{n} tokens, {rate:.1f} tok/s; prompt {len(ids)} tokens, first token after {first}]",
+        print(f"[{n} token{'' if n == 1 else 's'}{rate}; prompt {len(ids)} tokens, first token after {first}]",
               file=sys.stderr, flush=True)
         text = stream.text()
-        self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+        if not self.raw:  # completion mode has no conversation: each message stands alone
+            self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
         return text
 
 
 def interactive(chat: Chat) -> None:
     print("chat: /reset starts over, /exit quits", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8: an error line, not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
+    prompt = "\n>>> " if getattr(sys.stdin, "isatty", lambda: False)() else ""  # a pipe: only replies on stdout
     while True:
         try:
-            user = input("\n>>> ")
+            user = input(prompt)
         except EOFError:
             print(file=sys.stderr)
             return

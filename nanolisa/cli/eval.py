@@ -12,11 +12,19 @@ text_only data every token after the first), reading --data the way train.py doe
 metric. --metric accuracy generates greedily from each prompt (text2text: the input; conversation: the
 conversation up to its last assistant turn) and compares with the expected answer after stripping spaces.
 --metric choice picks the most likely of each question's choices. Single process; CPU or one GPU.
+
+Nothing is scored past the model's context (max_position_embeddings): a --seq-len longer than it, or a
+question that does not fit, is an error, as in chat.py. The --json line is strict JSON: a score that is
+not a finite number (NaN or infinite logits, e.g. fp16 overflow or broken weights) is an error with exit
+status 2, never `NaN` in the output: strict parsers reject NaN, and a NaN perplexity says nothing about
+the model that the error does not. (A finite NLL whose perplexity is past the largest float, a mean above
+~709 nats per token, reports "ppl": null.)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -74,7 +82,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def context_of(model) -> int:
+    return int(model.config.max_position_embeddings)
+
+
 def eval_nll(model, tokenizer, args) -> dict:
+    if args.seq_len > context_of(model):
+        raise UserError(f"--seq-len {args.seq_len} is longer than the model's context of {context_of(model)} "
+                        f"positions (max_position_embeddings); use --seq-len {context_of(model)} or less")
     ds = read_dataset(args.data)
     data = tokenize_dataset(ds, tokenizer, seq_len=args.seq_len, template=args.template,
                             train_on_prompt=args.train_on_prompt)
@@ -83,7 +98,11 @@ def eval_nll(model, tokenizer, args) -> dict:
     total, n = nll(model, examples, args.batch_size, progress=True)
     if n == 0:
         raise UserError(f"{args.data}: no loss-bearing tokens to score (are the outputs empty?)")
-    return {"nll": total / n, "ppl": perplexity(total, n), "tokens": n, "examples": len(examples),
+    if not math.isfinite(total):
+        raise UserError(f"the NLL on {args.data} is {total}: the model's logits are not finite numbers "
+                        f"(weights with NaN/inf, or fp16 overflow: try --dtype fp32)")
+    ppl = perplexity(total, n)  # past the largest float for a mean NLL above ~709: null in the JSON
+    return {"nll": total / n, "ppl": ppl if math.isfinite(ppl) else None, "tokens": n, "examples": len(examples),
             "records": data.counts()}
 
 
@@ -126,7 +145,7 @@ def eval_accuracy(model, tokenizer, args) -> dict:
 
 def eval_choice(model, tokenizer, args) -> dict:
     items = read_choice_file(args.data)[:args.limit]
-    r = score_choices(model, tokenizer, items, args.batch_size, progress=True)
+    r = score_choices(model, tokenizer, items, args.batch_size, progress=True, context=context_of(model))
     return {"accuracy": r["acc"], "accuracy_norm": r["acc_norm"], "examples": r["n"]}
 
 
@@ -139,9 +158,10 @@ def main(argv=None) -> None:
     result = {"metric": args.metric, **result, "model": args.model, "lora": args.lora, "data": args.data,
               "seconds": round(time.perf_counter() - t0, 3)}
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
     elif args.metric == "nll":
-        print(f"nll {result['nll']:.4f} per token, perplexity {result['ppl']:.3f} "
+        ppl = "inf" if result["ppl"] is None else f"{result['ppl']:.3f}"
+        print(f"nll {result['nll']:.4f} per token, perplexity {ppl} "
               f"({result['tokens']} loss tokens in {result['examples']} examples of {args.data})")
     else:
         extra = f", length-normalised {result['accuracy_norm']:.4f}" if args.metric == "choice" else ""

@@ -9,6 +9,8 @@ llama.cpp's converter) with no peft and no adapter.
 
 The adapter may have been written by nanolisa or by peft (adapter_config.json + adapter_model.safetensors).
 The merge is done in fp32 and the weights written in the base checkpoint's dtype unless --dtype says otherwise.
+The tokenizer files are the adapter directory's when it has them (train.py and peft write them there), else
+the base model's, copied as they are.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from nanolisa.config import DTYPES
 from nanolisa.errors import UserError
 from nanolisa.lora import load_adapter, merge_lora, read_adapter_config
 from nanolisa.pretrained import load_model, load_pretrained, save_pretrained
+from nanolisa.tokenizer import load_tokenizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +52,8 @@ def main(argv=None) -> None:
         print(f"note: {base} has no tokenizer files; the merged checkpoint will have none either")
     else:
         model, tokenizer = load_pretrained(base)
+    if any(os.path.exists(os.path.join(args.lora, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        tokenizer = load_tokenizer(args.lora)  # the adapter's own tokenizer files (train.py writes them) win
     dtype = args.dtype or model.lm_head.weight.dtype
     load_adapter(model, args.lora)
     merge_lora(model)

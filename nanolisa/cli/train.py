@@ -7,8 +7,9 @@ Usage (`nanolisa train ...` runs the same code as `python train.py ...`):
   python train.py --resume --out out                  # continue an interrupted run, bit-for-bit
   torchrun --standalone --nproc_per_node 4 train.py --model path/to/llama --data chats.jsonl   # 4 GPUs, FSDP2
 
-The final model is written to --out as a Hugging Face directory (transformers, vLLM and llama.cpp's
-converter load it as-is), or as a PEFT adapter for --method lora; resumable checkpoints go to
+The final model is written to --out as a Hugging Face directory with the base's tokenizer files and in the
+base's dtype (what loads the base loads it: transformers, vLLM, llama.cpp's converter for the bases it
+supports), or as a PEFT adapter for --method lora; resumable checkpoints go to
 --out/checkpoints/, the per-step metrics to --out/metrics.jsonl and a loss plot to --out/loss.png.
 LMFlow's flag spellings --lisa_activated_layers and --lisa_interval_steps are accepted too.
 """
@@ -41,8 +42,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    "split when --data is demo, otherwise none)")
     g.add_argument("--out", default=d.out, help="output directory: the final model, checkpoints/, "
                    "metrics.jsonl and loss.png (default: %(default)s)")
+    g.add_argument("--save-dtype", default=None, choices=["fp32", "bf16", "fp16"], help="dtype of the weights "
+                   "written to --out (default: the base checkpoint's own, as its config.json says; a LoRA "
+                   "adapter is fp32, as peft keeps adapters)")
     g.add_argument("--template", default=None, help="chat template for conversation data: a preset name "
-                   f"({', '.join(PRESETS)}), a .jinja file or Jinja string, or, by default, the model's own")
+                   f"({', '.join(PRESETS)}), a .jinja file or Jinja string, or, by default, the model's own; "
+                   "the result in --out carries it")
     g.add_argument("--train-on-prompt", action="store_true", help="take loss on prompts and user turns too "
                    "(default: only on outputs / assistant turns)")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="longer examples are truncated "
