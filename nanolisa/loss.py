@@ -7,7 +7,9 @@ the token at t+1, so the *labels* are shifted one to the left against the output
     targets[b, t] = labels[b, t + 1]        (the last position predicts nothing: IGNORE_INDEX)
 
 Shifting the labels, not the logits, matters for memory: `logits[:, :-1]` followed by a reshape copies the
-whole (B, T, V) logits, which at a 128k vocabulary is the largest tensor of a training step.
+whole (B, T, V) logits, which at a 128k vocabulary is the largest tensor of a training step. With
+`nanolisa.kernels.use_kernels` (the trainer's default) those logits are not built at all: `next_token_nll`
+hands the hidden states to a chunked linear + cross-entropy (kernels/linear_cross_entropy.py).
 
 The sums are returned with their token counts, never as means: a training step divides by the number of
 loss-bearing tokens of the *whole* step (all micro-batches), so gradient accumulation equals one big batch.
@@ -42,6 +44,15 @@ def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
 
 def next_token_nll(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
                    position_ids: Tensor | None = None) -> Tensor:
-    """Run the model and return the summed next-token NLL of each row, (B,) fp32."""
-    logits = model(input_ids, position_ids=position_ids)  # (B, T, V)
-    return token_nll(logits, labels).sum(dim=1)
+    """Run the model and return the summed next-token NLL of each row, (B,) fp32.
+
+    A model given a fused linear + cross-entropy by `nanolisa.kernels.use_kernels` (the trainer and eval.py
+    do that) computes the LM head and the loss together from the hidden states, chunk by chunk, so the
+    (B, T, V) logits never exist in full; `token_nll` on the full logits is the reference it is tested against.
+    """
+    fused = getattr(model, "linear_cross_entropy", None)
+    if fused is None or not fused.supports(model.lm_head):
+        logits = model(input_ids, position_ids=position_ids)  # (B, T, V)
+        return token_nll(logits, labels).sum(dim=1)
+    hidden = model.hidden_states(input_ids, position_ids)  # (B, T, C)
+    return fused(hidden, model.lm_head, shift_labels(labels)).sum(dim=1)

@@ -1,0 +1,195 @@
+"""Fused linear + cross-entropy: the LM head and the loss computed chunk by chunk, so the logits never exist
+in full.
+
+At a large vocabulary the logits are the largest tensors of a training step. For N tokens and a V-word
+vocabulary the unfused loss keeps the fp32 logits (N, V), the log-softmax that cross_entropy saves for
+backward (N, V), and in backward their gradients (N, V): at N = 1024, V = 128256 each is 525 MB, several
+times the weights of a small model. Here the head and the loss run over `chunk` tokens at a time:
+
+    z    = h W^T + b                     (chunk, V)  the logits of one chunk: the only (., V) tensor alive
+    lse  = log sum_v exp(z_v)            (chunk,)
+    loss = lse - z[target]               (chunk,)    0 where target == IGNORE_INDEX
+
+Only lse (N,) is kept for backward, which recomputes each chunk's logits and uses the softmax gradient
+(g = dL/dloss of each token, 0 for ignored ones):
+
+    dL/dz = g * (softmax(z) - onehot(target)) = g * (exp(z - lse) - onehot(target))
+    dL/dh = dL/dz W      dL/dW = sum over chunks of (dL/dz)^T h      dL/db = sum over tokens of dL/dz
+
+The price is one more head matmul (the recomputation) when the head trains. When it does not (LoRA; LISA
+with --freeze-head) dL/dh / g is computed in forward, where the logits are at hand, and backward only scales
+it by g: no recomputation.
+
+Precision follows the unfused path `nanolisa.loss.token_nll(lm_head(h), ...)`: the matmuls run in the
+autocast dtype when autocast is on (else in the weights' dtype), the softmax statistics in fp32, and the
+weight gradient is summed over chunks in fp32.
+
+Two implementations share this loop and differ in the per-chunk softmax work (`Rows`): PyTorch ops here
+(`TORCH_ROWS`, CPU and GPU), or one Triton kernel per pass in triton_linear_cross_entropy.py, which also
+writes dL/dz over the recomputed logits in place. The matmuls are PyTorch's in both (cuBLAS on a GPU).
+
+Tested (tests/test_kernels.py, CPU): loss and gradients of hidden states, head weight, bias and a tied
+embedding against F.cross_entropy on full logits, with IGNORE_INDEX rows and a chunk size that does not
+divide the token count; a whole training step against the unfused step.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanolisa.loss import IGNORE_INDEX
+
+Tensor = torch.Tensor
+
+CHUNK_BYTES = 64 * 2**20  # default chunk: about this many bytes of fp32 logits ...
+MIN_CHUNK = 64  # ... but at least this many tokens, so each head matmul still does real work per weight read
+
+
+def default_chunk(vocab_size: int) -> int:
+    """Tokens per chunk: 130 at a 128k vocabulary, 524 at 32k, more for small vocabularies."""
+    return max(MIN_CHUNK, CHUNK_BYTES // (4 * vocab_size))
+
+
+class Rows(Protocol):
+    """The softmax work on one chunk's logits z (n, V); targets (n,) with IGNORE_INDEX for no loss."""
+
+    def loss(self, z: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (loss (n,) fp32, 0 where ignored; lse (n,) fp32)."""
+
+    def grad(self, z: Tensor, targets: Tensor, lse: Tensor, g: Tensor) -> Tensor:
+        """-> g * (softmax(z) - onehot(targets)), (n, V), 0 in ignored rows; may overwrite z."""
+
+
+class TorchRows:
+    def loss(self, z: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        z = z.float()
+        lse = torch.logsumexp(z, dim=-1)  # (n,)
+        valid = targets != IGNORE_INDEX
+        z_target = z.gather(1, targets.clamp(min=0)[:, None])[:, 0]  # (n,)
+        return torch.where(valid, lse - z_target, 0.0), lse
+
+    def grad(self, z: Tensor, targets: Tensor, lse: Tensor, g: Tensor) -> Tensor:
+        dz = z.float()  # a fresh fp32 buffer when z is bf16/fp16, z itself when it is fp32: overwritten
+        dz.sub_(lse[:, None]).exp_()  # softmax(z), (n, V)
+        valid = targets != IGNORE_INDEX
+        rows = torch.arange(len(targets), device=z.device)[valid]
+        dz[rows, targets[valid]] -= 1.0
+        return dz.mul_(torch.where(valid, g, 0.0)[:, None])
+
+
+TORCH_ROWS = TorchRows()
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in on the unfused path: autocast's if on, else the weight's."""
+    dev = hidden.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """hidden (N, C), weight (V, C), bias (V,) or None, targets (N,) -> per-token loss (N,) fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
+                rows: Rows, dtype: torch.dtype, need_grad: bool) -> Tensor:
+        N = hidden.size(0)
+        w = weight.to(dtype)  # cast once, not per chunk (a no-op without autocast)
+        b = None if bias is None else bias.to(dtype)
+        loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        # With a frozen head, dL/dh = g * (softmax - onehot) W is computed now, per chunk, unscaled by g.
+        grad_h_now = need_grad and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and \
+            (bias is None or not ctx.needs_input_grad[2])
+        grad_h = torch.empty_like(hidden) if grad_h_now else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, N, chunk):
+                h, t = hidden[s:s + chunk].to(dtype), targets[s:s + chunk]
+                z = F.linear(h, w, b)  # (n, V)
+                loss[s:s + chunk], lse[s:s + chunk] = rows.loss(z, t)
+                if grad_h_now:
+                    ones = torch.ones(len(t), dtype=torch.float32, device=z.device)
+                    dz = rows.grad(z, t, lse[s:s + chunk], ones)  # (n, V)
+                    grad_h[s:s + chunk] = dz.to(dtype) @ w
+                del z
+        ctx.chunk, ctx.rows, ctx.dtype, ctx.grad_h_now = chunk, rows, dtype, grad_h_now
+        ctx.has_bias = bias is not None
+        if grad_h_now:
+            ctx.save_for_backward(grad_h, targets)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # g (N,): dL/dloss of each token
+        g = g.float()
+        if ctx.grad_h_now:
+            grad_h, targets = ctx.saved_tensors
+            scale = torch.where(targets != IGNORE_INDEX, g, 0.0)  # grad_h is 0 in ignored rows already
+            return (grad_h * scale[:, None].to(grad_h.dtype)), None, None, None, None, None, None, None
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dtype, chunk = ctx.dtype, ctx.chunk
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.size(0), chunk):
+                h = hidden[s:s + chunk].to(dtype)
+                z = F.linear(h, w, b)  # (n, V): the chunk's logits again
+                dz = ctx.rows.grad(z, targets[s:s + chunk], lse[s:s + chunk], g[s:s + chunk])
+                del z
+                if need_b:
+                    grad_b += dz.sum(0, dtype=torch.float32)
+                dz = dz.to(dtype)
+                if need_h:
+                    grad_h[s:s + chunk] = dz @ w  # (n, C)
+                if need_w:
+                    grad_w += dz.t() @ h  # (V, C), summed in fp32
+                del dz
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                         chunk: int | None = None, rows: Rows = TORCH_ROWS) -> Tensor:
+    """Per-token next-token NLL of the head (weight (V, C), bias (V,) or None) on hidden (N, C) against
+    targets (N,): (N,) fp32, 0 where targets == IGNORE_INDEX. Equals
+    `F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")`."""
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"want hidden (N, C) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+    chunk = chunk or default_chunk(weight.size(0))
+    need_grad = torch.is_grad_enabled()
+    return LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, rows, _compute_dtype(hidden, weight),
+                                    need_grad)
+
+
+class HeadLoss:
+    """The LM head and the loss together, as `nanolisa.kernels.use_kernels` attaches it to a model
+    (`model.linear_cross_entropy`) and nanolisa/loss.py calls it: hidden (B, T, C), targets (B, T) -> (B, T).
+
+    Only a plain nn.Linear head is fused. A head that is something else -- a LoRALinear (LoRA with lm_head
+    among its targets) computes W + s*B@A(dropout(x)) -- takes the unfused path, with a notice: computing
+    its effective weight would cost a copy of the (V, C) weight every step. `modules_to_save=["lm_head"]`
+    and tied embeddings keep a plain Linear head and are fused."""
+
+    def __init__(self, rows: Rows = TORCH_ROWS, chunk: int | None = None):
+        self.rows, self.chunk = rows, chunk
+
+    def supports(self, head: nn.Module) -> bool:
+        if type(head) is nn.Linear:
+            return True
+        from nanolisa.kernels import notice_once
+        notice_once(f"the LM head is a {type(head).__name__}, not a plain Linear: the loss computes the full "
+                    f"logits (the fused linear + cross-entropy needs a plain head)")
+        return False
+
+    def __call__(self, hidden: Tensor, head: nn.Linear, targets: Tensor) -> Tensor:
+        nll = linear_cross_entropy(hidden.flatten(0, 1), head.weight, head.bias, targets.flatten(), self.chunk,
+                                   self.rows)  # (B*T,)
+        return nll.view(targets.shape)
