@@ -24,6 +24,7 @@ import torch
 
 from nanolisa.errors import ArgumentParser, UserError, run_cli
 from nanolisa.generate import add_runtime_args, set_threads, Decoder, Sampling, TextStream, load_for_inference, stop_ids_for
+from nanolisa.kernels import use_kernels
 from nanolisa.templates import render_chat, resolve_template
 
 
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at EOS / end-of-turn tokens: always generate --max-new-tokens")
     add_runtime_args(p)
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="auto: Triton "
+                   "kernels on a CUDA GPU when triton is installed, else PyTorch (see kernels/)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
@@ -149,6 +152,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
     model, tokenizer = load_for_inference(args.model, args.lora, args.dtype, args.device)
+    use_kernels(model, args.kernels)
     chat = Chat(model, tokenizer, args)
     if args.prompt is not None:
         chat.reply(args.prompt, sys.stdout)

@@ -23,6 +23,7 @@ import time
 from nanolisa.errors import ArgumentParser, UserError, run_cli
 from nanolisa.evaluate import exact_match, nll, perplexity, read_choice_file, score_choices
 from nanolisa.generate import add_runtime_args, set_threads, load_for_inference, stop_ids_for
+from nanolisa.kernels import use_kernels
 
 METRICS = ("nll", "accuracy", "choice")
 
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples / questions")
     p.add_argument("--json", action="store_true", help="print one JSON line of results to stdout")
     add_runtime_args(p)
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"], help="auto: Triton "
+                   "kernels on a CUDA GPU when triton is installed, else PyTorch (see kernels/)")
     args = p.parse_args(argv)
     for flag in ("seq_len", "batch_size", "max_new_tokens", "limit"):
         v = getattr(args, flag)
@@ -130,6 +133,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
     model, tokenizer = load_for_inference(args.model, args.lora, args.dtype, args.device)
+    use_kernels(model, args.kernels)
     t0 = time.perf_counter()
     result = {"nll": eval_nll, "accuracy": eval_accuracy, "choice": eval_choice}[args.metric](model, tokenizer, args)
     result = {"metric": args.metric, **result, "model": args.model, "lora": args.lora, "data": args.data,

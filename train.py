@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     g.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation, data order and LISA's "
                    "layer sampling (default: %(default)s)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--kernels", default=d.kernels, choices=["auto", "triton", "torch"], help="auto: Triton "
+                   "kernels on a CUDA GPU when triton is installed, else PyTorch; the loss never builds the "
+                   "full logits either way (see kernels/) (default: %(default)s)")
 
     g = p.add_argument_group("evaluation, checkpoints and logs")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out loss every N steps, 0 = "

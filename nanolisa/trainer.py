@@ -37,6 +37,7 @@ from nanolisa.adamw import AdamW
 from nanolisa.checkpoint import load_pretrained, save_pretrained
 from nanolisa.errors import UserError
 from nanolisa.evaluate import nll
+from nanolisa.kernels import use_kernels
 from nanolisa.lisa import LISA
 from nanolisa.loss import count_loss_tokens, next_token_nll
 from nanolisa.presets import RECIPES
@@ -46,7 +47,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 KEEP_CHECKPOINTS = 2
 # Flags that may change when a run is resumed; any other difference means it is not the same run.
-RESUMABLE_CHANGES = {"resume", "save_every", "eval_every", "log", "out", "plot", "device", "quiet"}
+RESUMABLE_CHANGES = {"resume", "save_every", "eval_every", "log", "out", "plot", "device", "quiet", "kernels"}
 
 
 @dataclass
@@ -92,6 +93,7 @@ class TrainConfig:
     log: str | None = None
     plot: bool = True
     device: str | None = None
+    kernels: str = "auto"
     quiet: bool = False
 
     def with_defaults(self) -> "TrainConfig":
@@ -308,6 +310,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # Model: fp32 master weights; autocast runs the matmuls in bf16/fp16 when asked.
     model, tokenizer = load_pretrained(cfg.model, dtype=torch.float32, device=device)
+    use_kernels(model, cfg.kernels)  # flash attention, RMSNorm, and the loss without full logits (kernels/)
     model.gradient_checkpointing = cfg.grad_checkpointing
     lisa = None
     if cfg.method == "lisa":
