@@ -148,8 +148,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                 dz = dz.to(dtype)
                 if need_h:
                     grad_h[s:s + chunk] = dz @ w  # (n, C)
-                if need_w:
-                    grad_w += dz.t() @ h  # (V, C), summed in fp32
+                if need_w:  # (V, C), summed in fp32; in place when the matmul runs in fp32 (no (V, C) temporary)
+                    if dz.dtype == torch.float32:
+                        grad_w.addmm_(dz.t(), h)
+                    else:
+                        grad_w += dz.t() @ h
                 del dz
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
