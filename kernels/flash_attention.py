@@ -68,11 +68,13 @@ def _dot(a, b, F32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _visible(rows, cols, T, S, doc_start_rows, PACKED: tl.constexpr):
-    """(len(rows), len(cols)) bool: query rows[i] sees key cols[j] (see the module docstring)."""
-    ok = (rows[:, None] < T) & (cols[None, :] < S) & (cols[None, :] <= rows[:, None] + (S - T))
+def _visible(row, col, T, S, doc_start, PACKED: tl.constexpr):
+    """Whether query `row` sees key `col` (see the module docstring), for broadcastable index tiles: rows
+    (M, 1) against columns (1, N) give an (M, N) tile, rows (1, M) against columns (N, 1) its transpose.
+    doc_start: the document start of each row, shaped as `row`."""
+    ok = (row < T) & (col < S) & (col <= row + (S - T))
     if PACKED:
-        ok = ok & (cols[None, :] >= doc_start_rows[:, None])
+        ok = ok & (col >= doc_start)
     return ok
 
 
@@ -117,7 +119,7 @@ def _fwd_kernel(Q, K, V, O, LSE, DOC_START,
         # A masked score is NEG, not -inf: a row whose every key in this tile is masked (a packed row whose
         # document starts later) gets m = NEG and junk in l and acc, which the next visible key washes out
         # (alpha = exp2(NEG - real) = 0). Every row sees at least itself, so junk never survives.
-        s = tl.where(_visible(rows, cols, T, S, doc_start, PACKED), s, NEG)
+        s = tl.where(_visible(rows[:, None], cols[None, :], T, S, doc_start[:, None], PACKED), s, NEG)
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.math.exp2(m - m_new)  # rescales what was summed under the old maximum
         p = tl.math.exp2(s - m_new[:, None])
@@ -191,7 +193,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
                 doc_start = tl.load(DOC_START + b * T + rows, mask=row_ok, other=0)
             sT = _dot(k, qT, F32, PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M): scores, transposed
             pT = tl.math.exp2(sT - lse[None, :])
-            pT = tl.where(tl.trans(_visible(rows, cols, T, S, doc_start, PACKED)), pT, 0.0)
+            pT = tl.where(_visible(rows[None, :], cols[:, None], T, S, doc_start[None, :], PACKED), pT, 0.0)
             dv += _dot(pT.to(do.dtype), do, F32, PRECISION)
             dpT = _dot(v, tl.trans(do), F32, PRECISION)  # (BLOCK_N, BLOCK_M)
             dsT = pT * (dpT - delta[None, :])
@@ -238,7 +240,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START,
         vT = tl.load(V + cols[None, :] * sv_t + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
         s = _dot(q, kT, F32, PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(_visible(rows, cols, T, S, doc_start, PACKED), p, 0.0)
+        p = tl.where(_visible(rows[:, None], cols[None, :], T, S, doc_start[:, None], PACKED), p, 0.0)
         dp = _dot(do, vT, F32, PRECISION)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), F32, PRECISION)

@@ -16,6 +16,7 @@ Only lse (N,) is kept for backward, which recomputes each chunk's logits and use
     dL/dz = g * (softmax(z) - onehot(target)) = g * (exp(z - lse) - onehot(target))
     dL/dh = dL/dz W      dL/dW = sum over chunks of (dL/dz)^T h      dL/db = sum over tokens of dL/dz
 
+Tokens without a target (prompt, padding) are dropped before the head: they cost neither memory nor time.
 The price is one more head matmul (the recomputation) when the head trains. When it does not (LoRA; LISA
 with --freeze-head) dL/dh / g is computed in forward, where the logits are at hand, and backward only scales
 it by g: no recomputation.
@@ -115,7 +116,6 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_h[s:s + chunk] = dz.to(dtype) @ w
                 del z
         ctx.chunk, ctx.rows, ctx.dtype, ctx.grad_h_now = chunk, rows, dtype, grad_h_now
-        ctx.has_bias = bias is not None
         if grad_h_now:
             ctx.save_for_backward(grad_h, targets)
         else:
@@ -167,9 +167,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"want hidden (N, C) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
     chunk = chunk or default_chunk(weight.size(0))
-    need_grad = torch.is_grad_enabled()
-    return LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, rows, _compute_dtype(hidden, weight),
-                                    need_grad)
+    # Only the tokens that take a loss go through the head: prompt and padding tokens cost nothing.
+    # (Called even when there are none, so that the result stays part of the autograd graph.)
+    keep = (targets != IGNORE_INDEX).nonzero()[:, 0]  # (n,)
+    nll = LinearCrossEntropy.apply(hidden[keep], weight, bias, targets[keep], chunk, rows,
+                                   _compute_dtype(hidden, weight), torch.is_grad_enabled())  # (n,)
+    return hidden.new_zeros(targets.shape, dtype=torch.float32).index_put((keep,), nll)
 
 
 class HeadLoss:

@@ -228,6 +228,16 @@ def test_linear_cross_entropy_under_bf16_autocast(rows):
         check(g, r, au, torch.bfloat16)
 
 
+@pytest.mark.parametrize("rows", ["torch", "triton"])
+def test_a_batch_without_loss_tokens_still_backpropagates(rows):
+    rows = TORCH_ROWS if rows == "torch" else TRITON_ROWS
+    h, w, b, t, _ = head_case(N=9, seed=4)
+    h.requires_grad_()
+    loss = linear_cross_entropy(h, w, b, torch.full_like(t, IGNORE_INDEX), 4, rows)
+    loss.sum().backward()
+    assert torch.equal(loss, torch.zeros(9)) and torch.equal(h.grad, torch.zeros_like(h))
+
+
 def test_linear_cross_entropy_without_grad_is_the_same_loss():
     h, w, b, t, _ = head_case(seed=2)
     with torch.no_grad():
@@ -330,6 +340,17 @@ def test_training_step_with_triton_kernels_equals_plain_step(case):
         assert max_err(got[1][n], ref[1][n]) <= 2e-5, n
     for n in ref[2]:
         assert max_err(got[2][n], ref[2][n]) <= 2e-5, n
+
+
+def test_kv_cache_decoding_with_triton_kernels_matches_plain_forward():
+    """Prefill then one token at a time (queries offset into the cached keys), as chat.py decodes."""
+    plain, fast = set_up(tiny(), "full", None).eval(), set_up(tiny(), "full", "triton").eval()
+    ids = batch(B=1, T=12)[0]
+    with torch.no_grad():
+        want = plain(ids)
+        cache = fast.new_kv_cache(1, 16)
+        steps = [fast(ids[:, :7], kv_cache=cache)] + [fast(ids[:, t:t + 1], kv_cache=cache) for t in range(7, 12)]
+    assert max_err(torch.cat(steps, dim=1), want) <= 1e-4
 
 
 def test_evaluation_nll_with_kernels_equals_plain_nll():
