@@ -8,18 +8,21 @@ times the weights of a small model. Here the head and the loss run over `chunk` 
 
     z    = h W^T + b                     (chunk, V)  the logits of one chunk: the only (., V) tensor alive
     lse  = log sum_v exp(z_v)            (chunk,)
-    loss = lse - z[target]               (chunk,)    0 where target == IGNORE_INDEX
+    loss = lse - z[target]               (chunk,)
 
-Only lse (N,) is kept for backward, which recomputes each chunk's logits and uses the softmax gradient
-(g = dL/dloss of each token, 0 for ignored ones):
+and, while the chunk's logits are at hand, the softmax gradient and what it gives the head's inputs
+(g = dL/dloss of each token, not yet known in forward):
 
     dL/dz = g * (softmax(z) - onehot(target)) = g * (exp(z - lse) - onehot(target))
     dL/dh = dL/dz W      dL/dW = sum over chunks of (dL/dz)^T h      dL/db = sum over tokens of dL/dz
 
-Tokens without a target (prompt, padding) are dropped before the head: they cost neither memory nor time.
-The price is one more head matmul (the recomputation) when the head trains. When it does not (LoRA; LISA
-with --freeze-head) dL/dh / g is computed in forward, where the logits are at hand, and backward only scales
-it by g: no recomputation.
+Forward sums these for g = 1; backward scales them by g. That is exact when g is the same for every token,
+which it is whenever the loss is a sum or mean of the per-token losses -- every training step of nanolisa
+(trainer.py divides the summed NLL by the step's token count). For any other g, backward recomputes each
+chunk's logits from the saved lse instead. Computing the gradients in forward costs no extra memory: the
+(V, C) weight gradient is allocated at the end of forward instead of at the start of backward, which is the
+next thing that happens, and no head matmul is repeated. Tokens without a target (prompt, padding) are
+dropped before the head: they cost neither memory nor time.
 
 Precision follows the unfused path `nanolisa.loss.token_nll(lm_head(h), ...)`: the matmuls run in the
 autocast dtype when autocast is on (else in the weights' dtype), the softmax statistics in fp32, and the
@@ -27,11 +30,12 @@ weight gradient is summed over chunks in fp32.
 
 Two implementations share this loop and differ in the per-chunk softmax work (`Rows`): PyTorch ops here
 (`TORCH_ROWS`, CPU and GPU), or one Triton kernel per pass in triton_linear_cross_entropy.py, which also
-writes dL/dz over the recomputed logits in place. The matmuls are PyTorch's in both (cuBLAS on a GPU).
+writes dL/dz over the logits in place. The matmuls are PyTorch's in both (cuBLAS on a GPU).
 
 Tested (tests/test_kernels.py, CPU): loss and gradients of hidden states, head weight, bias and a tied
-embedding against F.cross_entropy on full logits, with IGNORE_INDEX rows and a chunk size that does not
-divide the token count; a whole training step against the unfused step.
+embedding against F.cross_entropy on full logits, for a per-token g (the recomputing backward) and a
+uniform one, with IGNORE_INDEX rows and a chunk size that does not divide the token count; a whole
+training step against the unfused step.
 """
 from __future__ import annotations
 
@@ -91,72 +95,77 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """hidden (N, C), weight (V, C), bias (V,) or None, targets (N,) -> per-token loss (N,) fp32."""
+    """hidden (n, C), weight (V, C), bias (V,) or None, targets (n,) without IGNORE_INDEX -> loss (n,) fp32."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
                 rows: Rows, dtype: torch.dtype, need_grad: bool) -> Tensor:
-        N = hidden.size(0)
-        w = weight.to(dtype)  # cast once, not per chunk (a no-op without autocast)
-        b = None if bias is None else bias.to(dtype)
-        loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        # With a frozen head, dL/dh = g * (softmax - onehot) W is computed now, per chunk, unscaled by g.
-        grad_h_now = need_grad and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and \
-            (bias is None or not ctx.needs_input_grad[2])
-        grad_h = torch.empty_like(hidden) if grad_h_now else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, N, chunk):
-                h, t = hidden[s:s + chunk].to(dtype), targets[s:s + chunk]
-                z = F.linear(h, w, b)  # (n, V)
-                loss[s:s + chunk], lse[s:s + chunk] = rows.loss(z, t)
-                if grad_h_now:
-                    ones = torch.ones(len(t), dtype=torch.float32, device=z.device)
-                    dz = rows.grad(z, t, lse[s:s + chunk], ones)  # (n, V)
-                    grad_h[s:s + chunk] = dz.to(dtype) @ w
-                del z
-        ctx.chunk, ctx.rows, ctx.dtype, ctx.grad_h_now = chunk, rows, dtype, grad_h_now
-        if grad_h_now:
-            ctx.save_for_backward(grad_h, targets)
-        else:
-            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        n = hidden.size(0)
+        loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        need = ctx.needs_input_grad[:3] if need_grad else (False, False, False)
+        grads = _new_grads(hidden, weight, bias, need)
+        ones = torch.ones(n, dtype=torch.float32, device=hidden.device)
+        _chunks(hidden, weight, bias, targets, dtype, chunk, rows, loss, lse, ones, grads)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk, ctx.rows, ctx.dtype = chunk, rows, dtype
+        ctx.grads = grads if any(need) else None  # the gradients for g = 1, until backward scales them
         return loss
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # g (N,): dL/dloss of each token
-        g = g.float()
-        if ctx.grad_h_now:
-            grad_h, targets = ctx.saved_tensors
-            scale = torch.where(targets != IGNORE_INDEX, g, 0.0)  # grad_h is 0 in ignored rows already
-            return (grad_h * scale[:, None].to(grad_h.dtype)), None, None, None, None, None, None, None
+    def backward(ctx, g: Tensor):  # g (n,): dL/dloss of each token
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        dtype, chunk = ctx.dtype, ctx.chunk
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        w = weight.to(dtype)
+        g = g.float()
+        grads, ctx.grads = ctx.grads, None  # used once: a second backward (retain_graph) recomputes
+        uniform = grads is not None and (len(g) == 0 or bool((g == g[0]).all()))
+        if uniform:  # scale the forward's gradients, in place
+            for t in grads:
+                if t is not None and len(g):
+                    t.mul_(g[0])
+        else:  # recompute each chunk's logits and weight its softmax gradient by g
+            grads = _new_grads(hidden, weight, bias, ctx.needs_input_grad[:3])
+            _chunks(hidden, weight, bias, targets, ctx.dtype, ctx.chunk, ctx.rows, None, lse, g, grads)
+        dh, dw, db = grads
+        return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
+                None, None, None, None, None)
+
+
+def _new_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, need) -> list[Tensor | None]:
+    """Zeroed [dL/dh, dL/dW (fp32), dL/db (fp32)], None where no gradient is needed."""
+    f32 = dict(dtype=torch.float32, device=weight.device)
+    return [torch.zeros_like(hidden) if need[0] else None,
+            torch.zeros(weight.shape, **f32) if need[1] else None,
+            torch.zeros(bias.shape, **f32) if bias is not None and need[2] else None]
+
+
+def _chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, dtype: torch.dtype,
+            chunk: int, rows: Rows, loss: Tensor | None, lse: Tensor, g: Tensor, grads: list) -> None:
+    """The loop over chunks of tokens. With `loss` given (forward), fill loss and lse; otherwise (a
+    recomputing backward) read lse. Then add g-weighted dL/dh, dL/dW, dL/db to grads (those not None)."""
+    dh, dw, db = grads
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(dtype)  # cast once, not per chunk (a no-op without autocast)
         b = None if bias is None else bias.to(dtype)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, hidden.size(0), chunk):
-                h = hidden[s:s + chunk].to(dtype)
-                z = F.linear(h, w, b)  # (n, V): the chunk's logits again
-                dz = ctx.rows.grad(z, targets[s:s + chunk], lse[s:s + chunk], g[s:s + chunk])
-                del z
-                if need_b:
-                    grad_b += dz.sum(0, dtype=torch.float32)
-                dz = dz.to(dtype)
-                if need_h:
-                    grad_h[s:s + chunk] = dz @ w  # (n, C)
-                if need_w:  # (V, C), summed in fp32; in place when the matmul runs in fp32 (no (V, C) temporary)
-                    if dz.dtype == torch.float32:
-                        grad_w.addmm_(dz.t(), h)
-                    else:
-                        grad_w += dz.t() @ h
-                del dz
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        for s in range(0, hidden.size(0), chunk):
+            h, t = hidden[s:s + chunk].to(dtype), targets[s:s + chunk]
+            z = F.linear(h, w, b)  # (c, V): the chunk's logits
+            if loss is not None:
+                loss[s:s + chunk], lse[s:s + chunk] = rows.loss(z, t)
+            if dh is None and dw is None and db is None:
+                continue
+            dz = rows.grad(z, t, lse[s:s + chunk], g[s:s + chunk])  # (c, V), may be z overwritten
+            del z
+            if db is not None:
+                db += dz.sum(0, dtype=torch.float32)
+            dz = dz.to(dtype)
+            if dh is not None:
+                dh[s:s + chunk] = dz @ w  # (c, C)
+            if dw is not None:  # (V, C), summed in fp32; in place when the matmul runs in fp32
+                if dz.dtype == torch.float32:
+                    dw.addmm_(dz.t(), h)
+                else:
+                    dw += dz.t() @ h
+            del dz
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,

@@ -147,14 +147,16 @@ def test_triton_rmsnorm_matches_model_rmsnorm(C, x_dtype, w_dtype):
 # Linear + cross-entropy, chunked: PyTorch and Triton softmax work
 
 
-def head_case(N=45, C=24, V=67, bias=False, seed=0):
+def head_case(N=45, C=24, V=67, bias=False, seed=0, uniform=False):
+    """hidden, weight, bias, targets, and dL/dloss of each token: random (backward recomputes the logits)
+    or the same for all (as a sum or mean of the losses gives: backward scales what forward computed)."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, C, generator=g)
     weight = torch.randn(V, C, generator=g) / 3
     b = torch.randn(V, generator=g) if bias else None
     targets = torch.randint(0, V, (N,), generator=g)
     targets[torch.randperm(N, generator=g)[:N // 4]] = IGNORE_INDEX  # prompt / padding rows
-    grad = torch.randn(N, generator=g)  # a different weight for every token's loss
+    grad = torch.full((N,), 0.37) if uniform else torch.randn(N, generator=g)
     return hidden, weight, b, targets, grad
 
 
@@ -175,9 +177,10 @@ def unfused(hidden, weight, bias, targets):
 @pytest.mark.parametrize("rows", ["torch", "triton"])
 @pytest.mark.parametrize("chunk", [7, 16, 1000])  # 7 and 16 do not divide 45 tokens; 1000 is one chunk
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_cross_entropy_matches_cross_entropy_on_logits(rows, chunk, bias):
+@pytest.mark.parametrize("uniform", [False, True])
+def test_linear_cross_entropy_matches_cross_entropy_on_logits(rows, chunk, bias, uniform):
     rows = TORCH_ROWS if rows == "torch" else TRITON_ROWS
-    case = head_case(bias=bias, seed=chunk)
+    case = head_case(bias=bias, seed=chunk, uniform=uniform)
     fused = loss_and_grads(lambda h, w, b, t: linear_cross_entropy(h, w, b, t, chunk, rows), *case)
     ref = loss_and_grads(unfused, *case)
     assert max_err(fused[0], ref[0]) <= 1e-5
@@ -187,10 +190,11 @@ def test_linear_cross_entropy_matches_cross_entropy_on_logits(rows, chunk, bias)
 
 
 @pytest.mark.parametrize("rows", ["torch", "triton"])
-def test_frozen_head_computes_the_hidden_gradient_in_forward(rows):
-    """With the head frozen (LoRA, LISA --freeze-head) dL/dh is formed in forward; it must still be exact."""
+@pytest.mark.parametrize("uniform", [False, True])
+def test_frozen_head_gives_only_the_hidden_gradient(rows, uniform):
+    """The head frozen (LoRA, LISA --freeze-head): only dL/dh is made, and it is exact."""
     rows = TORCH_ROWS if rows == "torch" else TRITON_ROWS
-    case = head_case(bias=True, seed=3)
+    case = head_case(bias=True, seed=3, uniform=uniform)
     fused = loss_and_grads(lambda h, w, b, t: linear_cross_entropy(h, w, b, t, 10, rows), *case, train_head=False)
     ref = loss_and_grads(unfused, *case, train_head=False)
     assert len(fused[1]) == 1 and max_err(fused[0], ref[0]) <= 1e-5 and max_err(fused[1][0], ref[1][0]) <= 1e-5
@@ -236,6 +240,17 @@ def test_a_batch_without_loss_tokens_still_backpropagates(rows):
     loss = linear_cross_entropy(h, w, b, torch.full_like(t, IGNORE_INDEX), 4, rows)
     loss.sum().backward()
     assert torch.equal(loss, torch.zeros(9)) and torch.equal(h.grad, torch.zeros_like(h))
+
+
+def test_a_second_backward_recomputes():
+    """Backward scales the forward's gradients in place, once; backward through a retained graph recomputes."""
+    h, w, _, t, _ = head_case(seed=8)
+    h.requires_grad_()
+    loss = linear_cross_entropy(h, w, None, t, 10).sum()
+    first = torch.autograd.grad(loss, h, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, h)[0]
+    assert torch.allclose(first, second, atol=1e-6) and max_err(first, torch.autograd.grad(
+        unfused(h, w, None, t).sum(), h)[0]) <= 1e-5
 
 
 def test_linear_cross_entropy_without_grad_is_the_same_loss():
