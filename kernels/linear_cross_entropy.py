@@ -59,30 +59,50 @@ def default_chunk(vocab_size: int) -> int:
 
 
 class Rows(Protocol):
-    """The softmax work on one chunk's logits z (n, V); targets (n,) with IGNORE_INDEX for no loss."""
+    """The softmax work on one chunk's logits z (c, V), targets (c,) (IGNORE_INDEX: no loss), g (c,) the
+    weight of each token's loss. Each method may overwrite z: one chunk-sized buffer is all it needs."""
 
     def loss(self, z: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """-> (loss (n,) fp32, 0 where ignored; lse (n,) fp32)."""
+        """-> (loss (c,) fp32, 0 where ignored; lse (c,) fp32)."""
+
+    def loss_and_grad(self, z: Tensor, targets: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (loss, lse, dL/dz = g * (softmax(z) - onehot(targets)) (c, V), 0 in ignored rows)."""
 
     def grad(self, z: Tensor, targets: Tensor, lse: Tensor, g: Tensor) -> Tensor:
-        """-> g * (softmax(z) - onehot(targets)), (n, V), 0 in ignored rows; may overwrite z."""
+        """-> dL/dz from the lse that `loss` returned for these logits."""
 
 
 class TorchRows:
+    """Rows in PyTorch ops, in place on the logits (fp32 logits; bf16/fp16 ones get one fp32 copy)."""
+
     def loss(self, z: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        z = z.float()
-        lse = torch.logsumexp(z, dim=-1)  # (n,)
-        valid = targets != IGNORE_INDEX
-        z_target = z.gather(1, targets.clamp(min=0)[:, None])[:, 0]  # (n,)
-        return torch.where(valid, lse - z_target, 0.0), lse
+        loss, lse, _ = self._softmax_(z, targets)
+        return loss, lse
+
+    def loss_and_grad(self, z: Tensor, targets: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        loss, lse, p = self._softmax_(z, targets)  # p = exp(z - max), (c, V)
+        p.div_(p.sum(-1, keepdim=True))  # softmax(z)
+        return loss, lse, self._minus_onehot_times_g_(p, targets, g)
 
     def grad(self, z: Tensor, targets: Tensor, lse: Tensor, g: Tensor) -> Tensor:
-        dz = z.float()  # a fresh fp32 buffer when z is bf16/fp16, z itself when it is fp32: overwritten
-        dz.sub_(lse[:, None]).exp_()  # softmax(z), (n, V)
+        p = z.float().sub_(lse[:, None]).exp_()  # softmax(z)
+        return self._minus_onehot_times_g_(p, targets, g)
+
+    @staticmethod
+    def _softmax_(z: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss, lse, exp(z - rowmax(z)) in z's fp32 buffer)."""
+        z = z.float()  # z itself when it is fp32
+        z_target = z.gather(1, targets.clamp(min=0)[:, None])[:, 0]  # (c,)
+        m = z.amax(dim=-1, keepdim=True)  # (c, 1)
+        lse = z.sub_(m).exp_().sum(-1).log_().add_(m[:, 0])  # (c,)
+        return torch.where(targets != IGNORE_INDEX, lse - z_target, 0.0), lse, z
+
+    @staticmethod
+    def _minus_onehot_times_g_(p: Tensor, targets: Tensor, g: Tensor) -> Tensor:
         valid = targets != IGNORE_INDEX
-        rows = torch.arange(len(targets), device=z.device)[valid]
-        dz[rows, targets[valid]] -= 1.0
-        return dz.mul_(torch.where(valid, g, 0.0)[:, None])
+        rows = torch.arange(len(targets), device=p.device)[valid]
+        p[rows, targets[valid]] -= 1.0
+        return p.mul_(torch.where(valid, g, 0.0)[:, None])
 
 
 TORCH_ROWS = TorchRows()
@@ -149,12 +169,14 @@ def _chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor
         for s in range(0, hidden.size(0), chunk):
             h, t = hidden[s:s + chunk].to(dtype), targets[s:s + chunk]
             z = F.linear(h, w, b)  # (c, V): the chunk's logits
-            if loss is not None:
+            if dh is None and dw is None and db is None:  # forward without gradients
                 loss[s:s + chunk], lse[s:s + chunk] = rows.loss(z, t)
-            if dh is None and dw is None and db is None:
                 continue
-            dz = rows.grad(z, t, lse[s:s + chunk], g[s:s + chunk])  # (c, V), may be z overwritten
-            del z
+            if loss is not None:  # forward
+                loss[s:s + chunk], lse[s:s + chunk], dz = rows.loss_and_grad(z, t, g[s:s + chunk])
+            else:  # a recomputing backward
+                dz = rows.grad(z, t, lse[s:s + chunk], g[s:s + chunk])
+            del z  # dz may be z, overwritten: (c, V)
             if db is not None:
                 db += dz.sum(0, dtype=torch.float32)
             dz = dz.to(dtype)

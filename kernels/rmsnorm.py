@@ -14,7 +14,8 @@ rows, in fp32, then over the programs by PyTorch. A row (the hidden size) is hel
 
 Supports: any hidden size up to 65536, fp16 / bf16 / fp32 inputs and weights. Tested: tests/test_kernels.py,
 against model.py's RMSNorm (outputs, dL/dx, dL/dw) on CPU in Triton's interpreter (TRITON_INTERPRET=1,
-triton 3.9), fp32, bf16 and fp16, hidden sizes that are and are not powers of two. Not yet run on a GPU.
+triton 3.9), fp32, bf16 and fp16, hidden sizes that are and are not powers of two (the interpreter truncates
+fp32 -> bf16 where a GPU rounds; the bf16 error bound absorbs it). Not yet run on a GPU.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Fused linear + cross-entropy with Triton kernels for the softmax work of each chunk.
 
 The chunk loop, the matmuls and the autograd Function are linear_cross_entropy.py's (read it first); this
-file replaces its PyTorch softmax work (`TORCH_ROWS`) by two kernels, one program per token row:
+file replaces its PyTorch softmax work (`TORCH_ROWS`) by two kernels, one program per token row, run on each
+chunk's logits (the second only when gradients are wanted):
 
   _loss_kernel  one pass over the row's logits z (V,): online max and sum of exp (as flash attention's
                 online softmax), lse = max + log(sum), loss = lse - z[target] (0 for IGNORE_INDEX).
@@ -81,6 +82,10 @@ class TritonRows:
         _loss_kernel[(n,)](z, z.stride(0), targets.contiguous(), loss, lse, V, IGNORE=IGNORE_INDEX,
                            BLOCK_V=BLOCK_V, num_warps=warps)
         return loss, lse
+
+    def loss_and_grad(self, z: Tensor, targets: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        loss, lse = self.loss(z, targets)  # leaves z as it is
+        return loss, lse, self.grad(z, targets, lse, g)
 
     def grad(self, z: Tensor, targets: Tensor, lse: Tensor, g: Tensor) -> Tensor:
         n, V = z.shape

@@ -1,13 +1,17 @@
 """kernels/ against the PyTorch reference in nanolisa/model.py and nanolisa/loss.py: outputs and gradients.
 
-The Triton kernels run on CPU in Triton's interpreter (TRITON_INTERPRET=1, set below before any kernel
-module is imported: @triton.jit reads it when a kernel is defined). Shapes are small: the interpreter runs
-every program of a kernel in Python. Low-precision kernels are held to the flash-attention test rule: their
+The Triton kernels run on CPU in Triton's interpreter: TRITON_INTERPRET=1 is set while the kernel modules are
+imported (@triton.jit reads it when a kernel is defined) and during this file's tests (nanolisa.kernels reads
+it when choosing), and not otherwise, so other tests' subprocesses do not inherit it. Shapes are small: the
+interpreter runs every program of a kernel in Python. Low-precision kernels are held to the flash-attention test rule: their
 error against an fp32 computation may be at most twice the error of the PyTorch reference run in the same
 low precision (plus a small floor).
 """
 import os
+import subprocess
+import sys
 
+_interpret_before = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -28,7 +32,18 @@ from nanolisa.kernels.flash_attention import flash_attention  # noqa: E402
 from nanolisa.kernels.rmsnorm import TritonRMSNorm  # noqa: E402
 from nanolisa.kernels.triton_linear_cross_entropy import TRITON_ROWS  # noqa: E402
 
+if _interpret_before is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _interpret_before
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOW = (torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def max_err(a, b) -> float:
@@ -407,3 +422,13 @@ def test_kernel_selection_errors_are_one_line(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     with pytest.raises(nanolisa.UserError, match="triton is not installed"):
         use_kernels(model, "triton")
+
+
+def test_train_py_kernels_triton_without_a_gpu_is_one_line_and_writes_nothing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--kernels", "triton", "--out", str(out),
+                        "--steps", "1", "--no-plot", "--device", "cpu"], capture_output=True, text=True, env=env,
+                       cwd=ROOT)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("error: --kernels triton needs a CUDA GPU") and not out.exists()
