@@ -432,3 +432,16 @@ def test_train_py_kernels_triton_without_a_gpu_is_one_line_and_writes_nothing(tm
                        cwd=ROOT)
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert p.stderr.startswith("error: --kernels triton needs a CUDA GPU") and not out.exists()
+
+
+def test_a_source_checkout_without_an_install_finds_nanolisa_kernels():
+    """`python train.py` in a clone that pip did not install with -e: no package-dir mapping is active, and
+    nanolisa/__init__.py points nanolisa.kernels at the checkout's kernels/ folder. (-S: no .pth files, so
+    no editable-install finder; site-packages is added by hand for torch.)"""
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    code = (f"import sys; sys.path.append({site!r}); import nanolisa.kernels.linear_cross_entropy as m; "
+            f"import nanolisa; print(m.__file__, nanolisa.__file__, nanolisa.kernels.__file__)")
+    p = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [os.path.join(ROOT, "kernels", "linear_cross_entropy.py"),
+                                os.path.join(ROOT, "nanolisa", "__init__.py"), os.path.join(ROOT, "kernels", "__init__.py")]
