@@ -3,8 +3,9 @@
 
   memory   peak RSS of training steps with the fused (chunked) linear + cross-entropy and without it (the plain
            model, full logits), at vocab 32000 and 128256, batch 1 x 512, full / LISA / LoRA:
-           bench_train.py --kernels auto vs --kernels none, one process each. Printed per run: the process peak, and the step transient -- the most a step
-           adds over the resident set it starts from (weights + optimizer state), which is where the logits live.
+           bench_train.py --kernels auto vs --kernels none, one process each. Printed per run: the process
+           peak, and the step transient -- the most a step adds over the resident set it starts from
+           (weights + optimizer state): activations, logits, gradients and temporaries.
   peers    LISA(1) at vocab 128256 beside the peers' stack (../shared/bench/peer_stack.py --mode lmflow:
            transformers + LMFlow's LISA callback), same shape, one process each.
   time     seconds per forward + backward of each kernel and of the PyTorch path it replaces. On a GPU: flash
@@ -14,7 +15,7 @@
            about speed): the chunked linear + cross-entropy vs full logits, with peak RSS.
 
 Usage:
-  .venv/bin/python bench/bench_kernels.py memory peers time    # all three (~10 minutes on 2 CPU cores)
+  .venv/bin/python bench/bench_kernels.py memory peers time    # all three (~20 minutes on 2 busy CPU cores)
   .venv/bin/python bench/bench_kernels.py time --json          # one JSON line per measurement
 Memory figures are per process and do not depend on what else runs; time figures do.
 """
@@ -133,11 +134,15 @@ def time_cross_entropy(report, device, dtype) -> None:
                         ms=round(1e3 * s, 1), peak_mb=round(mb)))
 
 
+ATTENTION_SHAPES = [(4, 1024, 16, 4, 64), (2, 2048, 32, 8, 128), (1, 4096, 32, 8, 128)]  # (B, T, nh, nkv, hs)
+NORM_SHAPE = (8192, 4096)  # (rows, hidden)
+
+
 def time_gpu_kernels(report, device, dtype) -> None:
     from nanolisa.kernels.flash_attention import flash_attention
     from nanolisa.kernels.rmsnorm import TritonRMSNorm
     from nanolisa.model import AttentionMask, RMSNorm, sdpa_attention
-    for B, T, nh, nkv, hs in ((4, 1024, 16, 4, 64), (2, 2048, 32, 8, 128), (1, 4096, 32, 8, 128)):
+    for B, T, nh, nkv, hs in ATTENTION_SHAPES:
         q = torch.randn(B, T, nh, hs, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
         k = torch.randn(B, T, nkv, hs, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
         v = torch.randn(B, T, nkv, hs, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
@@ -151,15 +156,16 @@ def time_gpu_kernels(report, device, dtype) -> None:
                 s, mb = timed(step, device)
                 report(dict(what="attention fwd+bwd", impl=name, packed=packed, B=B, T=T, nh=nh, nkv=nkv, hs=hs,
                             dtype=str(dtype), ms=round(1e3 * s, 2), peak_mb=round(mb)))
-    x = torch.randn(8192, 4096, device=device, dtype=dtype, requires_grad=True)
+    N, C = NORM_SHAPE
+    x = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
     for name, cls in (("torch", RMSNorm), ("triton", TritonRMSNorm)):
-        norm = cls(4096, 1e-6).to(device)
+        norm = cls(C, 1e-6).to(device)
 
         def step():
             norm(x).sum().backward()
             x.grad = norm.weight.grad = None
         s, mb = timed(step, device)
-        report(dict(what="RMSNorm fwd+bwd", impl=name, rows=8192, hidden=4096, dtype=str(dtype), ms=round(1e3 * s, 3),
+        report(dict(what="RMSNorm fwd+bwd", impl=name, rows=N, hidden=C, dtype=str(dtype), ms=round(1e3 * s, 3),
                     peak_mb=round(mb)))
 
 
@@ -169,7 +175,8 @@ def timing(report) -> None:
         time_gpu_kernels(report, device, torch.bfloat16)
         time_cross_entropy(report, device, torch.bfloat16)
     else:
-        report(dict(what="note", text="no CUDA GPU: Triton kernels not timed (the interpreter says nothing about speed)"))
+        report(dict(what="note", text="no CUDA GPU: Triton kernels not timed (the interpreter says nothing "
+                                      "about speed)"))
         time_cross_entropy(report, torch.device("cpu"), torch.float32)
 
 

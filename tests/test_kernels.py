@@ -3,9 +3,9 @@
 The Triton kernels run on CPU in Triton's interpreter: TRITON_INTERPRET=1 is set while the kernel modules are
 imported (@triton.jit reads it when a kernel is defined) and during this file's tests (nanolisa.kernels reads
 it when choosing), and not otherwise, so other tests' subprocesses do not inherit it. Shapes are small: the
-interpreter runs every program of a kernel in Python. Low-precision kernels are held to the flash-attention test rule: their
-error against an fp32 computation may be at most twice the error of the PyTorch reference run in the same
-low precision (plus a small floor).
+interpreter runs every program of a kernel in Python. Low-precision kernels are held to the flash-attention
+test rule: their error against an fp32 computation may be at most twice the error of the PyTorch reference run
+in the same low precision (plus a small floor).
 """
 import os
 import subprocess
@@ -141,7 +141,8 @@ def test_unsupported_head_size_falls_back_to_sdpa_with_a_notice(capsys):
                                               (56, torch.float16, torch.float16)])
 def test_triton_rmsnorm_matches_model_rmsnorm(C, x_dtype, w_dtype):
     g = torch.Generator().manual_seed(C)
-    x0, w0, dy0 = torch.randn(3, 7, C, generator=g), 1 + torch.randn(C, generator=g) / 2, torch.randn(3, 7, C, generator=g)
+    x0, dy0 = torch.randn(3, 7, C, generator=g), torch.randn(3, 7, C, generator=g)
+    w0 = 1 + torch.randn(C, generator=g) / 2
 
     def run(cls, x_dtype, w_dtype):
         norm = cls(C, 1e-5).to(w_dtype)
@@ -403,6 +404,7 @@ def test_kernel_selection_and_switching_back():
     assert {type(m) for m in model.modules() if isinstance(m, RMSNorm)} == {TritonRMSNorm}
     assert all(b.self_attn.attn_fn is flash_attention for b in model.blocks)
     weights = {id(p) for p in model.parameters()}
+    assert model.state_dict().keys() == set_up(tiny(), "full", None).state_dict().keys()  # checkpoints unchanged
     assert use_kernels(model, "torch") == "torch"
     assert {type(m) for m in model.modules() if isinstance(m, RMSNorm)} == {RMSNorm}
     assert all(b.self_attn.attn_fn is sdpa_attention for b in model.blocks)
@@ -443,5 +445,5 @@ def test_a_source_checkout_without_an_install_finds_nanolisa_kernels():
             f"import nanolisa; print(m.__file__, nanolisa.__file__, nanolisa.kernels.__file__)")
     p = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == [os.path.join(ROOT, "kernels", "linear_cross_entropy.py"),
-                                os.path.join(ROOT, "nanolisa", "__init__.py"), os.path.join(ROOT, "kernels", "__init__.py")]
+    want = ["kernels/linear_cross_entropy.py", "nanolisa/__init__.py", "kernels/__init__.py"]
+    assert p.stdout.split() == [os.path.join(ROOT, *w.split("/")) for w in want]
