@@ -1,7 +1,8 @@
 # Two entry points, both work on a fresh machine:
 #   make demo   create .venv, install nanolisa, fine-tune the built-in tiny model on the demo data with LISA,
 #               then measure its held-out exact-match accuracy
-#   make test   create .venv, install nanolisa with the test oracles, run the test suite
+#   make test   create .venv, install nanolisa with the test oracles and triton (its kernels are tested in
+#               Triton's CPU interpreter), run the test suite
 # torch==2.13.0 is installed first: it is a CPU wheel, and installing it before the package keeps pip
 # from pulling a multi-GB CUDA build. Set TORCH=torch (or another spec) to choose your own build.
 PY ?= python3
@@ -24,5 +25,5 @@ demo: venv
 	$(BIN)/python eval.py --model out --metric accuracy
 
 test: venv
-	$(BIN)/pip install -q -e ".[test,plot]"
+	$(BIN)/pip install -q -e ".[test,plot,kernels]"
 	$(BIN)/python -m pytest tests

@@ -4,7 +4,9 @@
 
 Same flags, same measurements, same one-line JSON output, so a nanolisa row and a peers' row compare 1:1.
 A random Llama-shaped nanolisa model (no download), nanolisa's AdamW over ALL parameters (trainer.param_groups),
-the loss from nanolisa.loss.next_token_nll on random token ids, one mode per process (peak RSS is per process):
+the loss from nanolisa.loss.next_token_nll on random token ids, one mode per process (peak RSS is per process),
+with kernels chosen as train.py chooses them (--kernels auto: the chunked linear + cross-entropy on CPU; `none`
+keeps the plain model, whose loss builds the full logits):
   full   all parameters trained
   lora   nanolisa.lora r=8, alpha 16, on all linear layers (as peer_stack.py's peft row)
   lisa   nanolisa.lisa.LISA: embedding + head always trained, --lisa-layers blocks re-sampled every
@@ -33,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from nanolisa.adamw import AdamW  # noqa: E402
 from nanolisa.config import ModelConfig  # noqa: E402
+from nanolisa.kernels import use_kernels  # noqa: E402
 from nanolisa.lisa import LISA  # noqa: E402
 from nanolisa.model import build_model  # noqa: E402
 from nanolisa.loss import next_token_nll  # noqa: E402
@@ -124,6 +127,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--freeze-embeddings", action="store_true",
                     help="LISA: do not train the embedding, so backward stops at the lowest active block")
+    ap.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton", "none"],
+                    help="nanolisa.kernels.use_kernels, as train.py --kernels; none: the plain model (full logits)")
     ap.add_argument("--grad-checkpointing", action="store_true",
                     help="recompute each block's activations in backward (not in peer_stack.py; off by default)")
     a = ap.parse_args()
@@ -140,6 +145,7 @@ def main() -> None:
     model = build_model(cfg)
     model.init_weights()
     model.gradient_checkpointing = a.grad_checkpointing
+    kernels = use_kernels(model, a.kernels) if a.kernels != "none" else "none"
     model.train()
 
     lisa = None
@@ -187,6 +193,7 @@ def main() -> None:
     tokens = a.batch * a.seq * (a.steps - 1)
 
     out = {"mode": a.mode + (f"-g{a.lisa_layers}" if lisa else "") + ("+ckpt" if a.grad_checkpointing else "") + ("+frozen-emb" if a.freeze_embeddings else ""),
+           "kernels": kernels,
            "peak_rss_mb": round(peak),
            "base_rss_mb": round(base),
            "tokens_per_s": round(tokens / dt, 1),

@@ -96,7 +96,36 @@ class AdamW(torch.optim.Optimizer):
         ts = [s.item() for s in steps]                                 # t as Python floats (steps live on CPU)
         step_size = [(lr / (1 - beta1 ** t)) * -1 for t in ts]         # -lr / (1 - b1^t)   bias correction of m
         bc2_sqrt = [(1 - beta2 ** t) ** 0.5 for t in ts]               # sqrt(1 - b2^t)     bias correction of v
-        denom = torch._foreach_sqrt(exp_avg_sqs)                       # sqrt(v)
-        torch._foreach_div_(denom, bc2_sqrt)                           # sqrt(v / (1 - b2^t)) = sqrt(v_hat)
-        torch._foreach_add_(denom, eps)                                # sqrt(v_hat) + eps
-        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)    # p <- p - lr/(1-b1^t) * m / denom
+        # The denominator needs a temporary as large as the parameters: made TEMP_ELEMENTS at a time, so the
+        # step's extra memory stays bounded however large a trainable tensor is (a 128k-vocabulary embedding
+        # and head that LISA always trains are 2 x 262 MB at width 512). Elementwise, so slicing changes no bit.
+        for params, exp_avgs, exp_avg_sqs, step_size, bc2_sqrt in _slices(params, exp_avgs, exp_avg_sqs,
+                                                                         step_size, bc2_sqrt):
+            denom = torch._foreach_sqrt(exp_avg_sqs)                   # sqrt(v)
+            torch._foreach_div_(denom, bc2_sqrt)                       # sqrt(v / (1 - b2^t)) = sqrt(v_hat)
+            torch._foreach_add_(denom, eps)                            # sqrt(v_hat) + eps
+            torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)  # p <- p - lr/(1-b1^t) * m / denom
+
+
+TEMP_ELEMENTS = 2**22  # at most this many elements (16 MB in fp32) of the step's temporary at a time
+
+
+def _slices(params, exp_avgs, exp_avg_sqs, step_size, bc2_sqrt):
+    """The lists again, in groups of at most TEMP_ELEMENTS elements; a larger tensor is cut into flat views
+    (views of the same memory: updating them updates the tensor)."""
+    pieces = []
+    for p, m, v, a, c in zip(params, exp_avgs, exp_avg_sqs, step_size, bc2_sqrt):
+        if p.numel() > TEMP_ELEMENTS and all(t.is_contiguous() for t in (p, m, v)):
+            cuts = (t.view(-1).split(TEMP_ELEMENTS) for t in (p, m, v))
+            pieces += [(pp, mm, vv, a, c) for pp, mm, vv in zip(*cuts)]
+        else:
+            pieces.append((p, m, v, a, c))
+    group, size = [], 0
+    for piece in pieces:
+        if group and size + piece[0].numel() > TEMP_ELEMENTS:
+            yield tuple(map(list, zip(*group)))
+            group, size = [], 0
+        group.append(piece)
+        size += piece[0].numel()
+    if group:
+        yield tuple(map(list, zip(*group)))

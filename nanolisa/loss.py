@@ -7,7 +7,9 @@ the token at t+1, so the *labels* are shifted one to the left against the output
     targets[b, t] = labels[b, t + 1]        (the last position predicts nothing: IGNORE_INDEX)
 
 Shifting the labels, not the logits, matters for memory: `logits[:, :-1]` followed by a reshape copies the
-whole (B, T, V) logits, which at a 128k vocabulary is the largest tensor of a training step.
+whole (B, T, V) logits, which at a 128k vocabulary is the largest tensor of a training step. With
+`nanolisa.kernels.use_kernels` (the trainer's default) those logits are not built at all: `next_token_nll`
+hands the hidden states to a chunked linear + cross-entropy (kernels/linear_cross_entropy.py).
 
 The sums are returned with their token counts, never as means: a training step divides by the number of
 loss-bearing tokens of the *whole* step (all micro-batches), so gradient accumulation equals one big batch.
@@ -32,16 +34,31 @@ def count_loss_tokens(labels: Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
-    """logits (B, T, V), labels (B, T) -> NLL of each next token (B, T), fp32, 0 where there is no target."""
-    targets = shift_labels(labels)
+def per_token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """logits (B, T, V), targets (B, T) already shifted -> NLL of each position (B, T), fp32, 0 where the
+    target is IGNORE_INDEX."""
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                           reduction="none")  # (B*T,)
     return nll.view(targets.shape)
 
 
+def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """logits (B, T, V), labels (B, T) -> NLL of each next token (B, T), fp32, 0 where there is no target."""
+    return per_token_nll(logits, shift_labels(labels))
+
+
+def head_nll(hidden: Tensor, head: torch.nn.Module, targets: Tensor) -> Tensor:
+    """The LM head and the loss, the plain way: hidden (B, T, C) -> logits (B, T, V) -> NLL (B, T).
+    The model's default `head_loss`; nanolisa.kernels swaps in one that never builds the full logits."""
+    return per_token_nll(head(hidden), targets)
+
+
 def next_token_nll(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
                    position_ids: Tensor | None = None) -> Tensor:
-    """Run the model and return the summed next-token NLL of each row, (B,) fp32."""
-    logits = model(input_ids, position_ids=position_ids)  # (B, T, V)
-    return token_nll(logits, labels).sum(dim=1)
+    """Run the model and return the summed next-token NLL of each row, (B,) fp32.
+
+    The targets go into the model's forward, which computes the loss from the hidden states with its
+    `head_loss`: with nanolisa.kernels' fused linear + cross-entropy (the trainer's and eval.py's default)
+    the (B, T, V) logits never exist in full. Going through forward (not a side door) keeps the hooks of
+    DDP and FSDP2 wrappers working."""
+    return model(input_ids, position_ids=position_ids, targets=shift_labels(labels)).sum(dim=1)

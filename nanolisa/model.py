@@ -10,9 +10,12 @@ nh query heads, nkv key/value heads (grouped-query attention when nkv < nh), hs 
 
 What the rest of nanolisa relies on:
   model(input_ids, position_ids=None, kv_cache=None) -> logits (B, T, V)
+  model(input_ids, ..., targets=targets) -> the NLL of each position (B, T), from model.head_loss
+                       (nanolisa/loss.py; kernels/ swap in a head + loss that never builds the full logits)
   model.blocks         the transformer blocks, addressable by index (LISA samples from these)
   model.embed_modules  the input embeddings; model.head_modules: final norm and LM head
-  model.set_attention(fn)  swap the attention kernel (kernels/ plugs flash attention in here)
+  model.set_attention(fn)  swap the attention kernel, fn(q, k, v, mask: AttentionMask) (kernels/ plugs
+                           flash attention in here)
 """
 from __future__ import annotations
 
@@ -26,25 +29,22 @@ from torch.utils.checkpoint import checkpoint
 
 from nanolisa.activations import ACTIVATIONS
 from nanolisa.config import ModelConfig
+from nanolisa.loss import head_nll
 
 Tensor = torch.Tensor
 
 # ----------------------------------------------------------------------------------------------------------
 # Attention kernel. Everything below calls attention through this one signature, so a faster kernel
-# (a Triton flash attention, say) can replace it without touching the model.
+# (kernels/flash_attention.py) can replace it without touching the model.
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
-    """q (B, nh, T, hs), k and v (B, nkv, S, hs), mask (B or 1, 1, T, S) bool or None -> (B, nh, T, hs)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                          enable_gqa=q.size(1) != k.size(1))
-
-
-AttentionFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", bool], Tensor]
+def document_ids(position_ids: Tensor) -> Tensor:
+    """The document index of each token of packed rows (B, T): a new document starts where a position is 0."""
+    return (position_ids == 0).cumsum(dim=1)
 
 
 def attention_mask(position_ids: Tensor, start: int, packed: bool) -> tuple[Tensor | None, bool]:
-    """The mask for one forward pass, as (mask, is_causal).
+    """The dense mask for one forward pass, as (mask, is_causal).
 
     - Plain training rows: causal, no mask tensor needed (the kernel's fast path).
     - Packed rows (`packed`): several documents share a row and positions restart at 0 at each one, so a
@@ -53,7 +53,7 @@ def attention_mask(position_ids: Tensor, start: int, packed: bool) -> tuple[Tens
     """
     B, T = position_ids.shape
     if packed:
-        doc = (position_ids == 0).cumsum(dim=1)  # (B, T) document index of each token
+        doc = document_ids(position_ids)  # (B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
         return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None], False  # (B, 1, T, T)
     if start == 0:
@@ -63,6 +63,40 @@ def attention_mask(position_ids: Tensor, start: int, packed: bool) -> tuple[Tens
     q_pos = torch.arange(start, start + T, device=position_ids.device)
     k_pos = torch.arange(start + T, device=position_ids.device)
     return (k_pos[None, :] <= q_pos[:, None])[None, None], False  # (1, 1, T, S)
+
+
+class AttentionMask:
+    """Which keys each query may see in one forward pass, described rather than spelled out.
+
+    It holds what decides visibility -- the position ids (B, T), the KV-cache offset `start` (query i sits
+    at position start+i) and whether rows are `packed` -- and builds anything derived from them at most once
+    per forward, however many layers ask: the dense (B, 1, T, S) mask that `sdpa_attention` needs
+    (`dense()`), or whatever a kernel derives instead (kernels/flash_attention.py reads document boundaries,
+    so packing costs it no (T, T) mask at all)."""
+
+    def __init__(self, position_ids: Tensor, start: int, packed: bool):
+        self.position_ids, self.start, self.packed = position_ids, start, packed
+        self._built: dict[str, object] = {}
+
+    def cached(self, name: str, build: Callable[[], object]) -> object:
+        """build() the first time `name` is asked for in this forward pass; the same object afterwards."""
+        if name not in self._built:
+            self._built[name] = build()
+        return self._built[name]
+
+    def dense(self) -> tuple[Tensor | None, bool]:
+        """(mask (B or 1, 1, T, S) bool or None, is_causal), as `attention_mask` returns them."""
+        return self.cached("dense", lambda: attention_mask(self.position_ids, self.start, self.packed))
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+    """q (B, nh, T, hs), k and v (B, nkv, S, hs) -> (B, nh, T, hs): PyTorch's scaled_dot_product_attention."""
+    dense, is_causal = mask.dense()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=is_causal,
+                                          enable_gqa=q.size(1) != k.size(1))
+
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor, AttentionMask], Tensor]
 
 
 class KVCache:
@@ -166,8 +200,8 @@ class LlamaAttention(nn.Module):
         self.nh, self.nkv, self.hs = nh, nkv, hs
         self.attn_fn: AttentionFn = sdpa_attention
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, is_causal: bool,
-                kv_cache: KVCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask, kv_cache: KVCache | None,
+                layer: int) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
@@ -175,7 +209,7 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, S, hs)
-        y = self.attn_fn(q, k, v, mask, is_causal)  # (B, nh, T, hs)
+        y = self.attn_fn(q, k, v, mask)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
 
 
@@ -203,8 +237,8 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, rope, mask, is_causal, kv_cache, layer):  # x (B, T, C) -> (B, T, C)
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, kv_cache, layer)
+    def forward(self, x, rope, mask, kv_cache, layer):  # x (B, T, C) -> (B, T, C)
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -223,13 +257,13 @@ class GPT2Attention(nn.Module):
         self.nh, self.hs = cfg.num_attention_heads, cfg.head_dim
         self.attn_fn: AttentionFn = sdpa_attention
 
-    def forward(self, x, rope, mask, is_causal, kv_cache, layer):
+    def forward(self, x, rope, mask, kv_cache, layer):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.nh, self.hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        y = self.attn_fn(q, k, v, mask, is_causal)
+        y = self.attn_fn(q, k, v, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -252,8 +286,8 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = GPT2MLP(cfg)
 
-    def forward(self, x, rope, mask, is_causal, kv_cache, layer):
-        x = x + self.attn(self.ln_1(x), rope, mask, is_causal, kv_cache, layer)
+    def forward(self, x, rope, mask, kv_cache, layer):
+        x = x + self.attn(self.ln_1(x), rope, mask, kv_cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -278,26 +312,38 @@ class CausalLM(nn.Module):
     def rope(self, position_ids: Tensor) -> tuple[Tensor, Tensor] | None:
         return None
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None,
-                kv_cache: KVCache | None = None) -> Tensor:
+    head_loss = staticmethod(head_nll)  # (hidden (B, T, C), lm_head, targets (B, T)) -> NLL (B, T)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, kv_cache: KVCache | None = None,
+                targets: Tensor | None = None) -> Tensor:
         """input_ids (B, T) -> logits (B, T, V). Pass position_ids (B, T) for packed rows (positions restart
-        at 0 at each document; attention stays within a document), or kv_cache to decode incrementally."""
+        at 0 at each document; attention stays within a document), or kv_cache to decode incrementally.
+        With targets (B, T), the next token of each position (IGNORE_INDEX where none), it returns the NLL
+        of each position (B, T) instead, from `head_loss`."""
+        hidden = self.hidden_states(input_ids, position_ids, kv_cache)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(hidden)  # (B, T, V)
+        return self.head_loss(hidden, self.lm_head, targets)  # (B, T)
+
+    def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None,
+                      kv_cache: KVCache | None = None) -> Tensor:
+        """The forward pass up to the final norm: input_ids (B, T) -> hidden states (B, T, C)."""
         B, T = input_ids.shape
         start = kv_cache.pos if kv_cache is not None else 0
         packed = position_ids is not None
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        mask, is_causal = attention_mask(position_ids, start, packed)
+        mask = AttentionMask(position_ids, start, packed)
         rope = self.rope(position_ids)
         x = self.embed(input_ids, position_ids)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, mask, is_causal, None, i, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, None, i, use_reentrant=False)
             else:
-                x = block(x, rope, mask, is_causal, kv_cache, i)
+                x = block(x, rope, mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.pos += T
-        return self.lm_head(self.final_norm(x))  # (B, T, V)
+        return self.final_norm(x)  # (B, T, C)
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.lm_head.weight

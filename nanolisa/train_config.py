@@ -21,7 +21,7 @@ METHODS = ("lisa", "lora", "full")
 SCHEDULES = ("cosine", "linear", "constant")
 # Settings that may change when a run is resumed; any other difference means it is not the same run.
 RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "log", "out", "plot", "device", "threads",
-                     "quiet", "save_dtype"}
+                     "quiet", "save_dtype", "kernels"}
 PARALLEL = ("fsdp", "ddp")
 # Settings only one method reads: giving one to another method is a mistake, not a harmless no-op.
 METHOD_ONLY = {
@@ -79,6 +79,7 @@ class TrainConfig:
     log: str | None = None
     plot: bool = True
     device: str | None = None
+    kernels: str = "auto"
     threads: int | None = None
     quiet: bool = False
 

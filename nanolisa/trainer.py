@@ -41,6 +41,7 @@ from nanolisa.data import Batches, read_dataset, tokenize_dataset
 from nanolisa.errors import UserError
 from nanolisa.evaluate import nll
 from nanolisa.files import write_failure
+from nanolisa.kernels import use_kernels
 from nanolisa.lisa import LISA
 from nanolisa.lora import apply_lora, load_adapter, mark_only_lora_trainable, merge_lora, save_adapter
 from nanolisa.loss import count_loss_tokens, next_token_nll
@@ -139,6 +140,7 @@ def setup(cfg: TrainConfig, world: World, device: torch.device) -> Run:
     # Model in fp32 (mixed precision runs the matmuls in bf16/fp16 when asked), then which parameters
     # train, then (several ranks) how the ranks share it.
     model, tokenizer = load_pretrained(cfg.model, dtype=torch.float32, device=device)
+    use_kernels(model, cfg.kernels)  # flash attention, RMSNorm, the loss without full logits (kernels/)
     model.gradient_checkpointing = cfg.grad_checkpointing
     lisa = setup_method(model, cfg)
     torch.manual_seed(cfg.seed + world.rank)  # initialisation is the same on every rank, dropout is not

@@ -41,6 +41,27 @@ def assert_close(a_list, b_list, rtol=1e-6):
         torch.testing.assert_close(a, b, rtol=rtol, atol=1e-7)
 
 
+def test_bounded_step_temporaries_change_no_bit(monkeypatch):
+    """The update's temporary is made TEMP_ELEMENTS at a time (tensors cut into flat pieces, lists into
+    groups): still torch's bits exactly."""
+    monkeypatch.setattr("nanolisa.adamw.TEMP_ELEMENTS", 8)  # cuts the (7, 5) and (6, 6) tensors, splits groups
+    params, targets = make_problem(seed=3)
+    ours_p, ref_p = clone_params(params), clone_params(params)
+    ours, ref = AdamW(groups(ours_p), eps=1e-8), torch.optim.AdamW(groups(ref_p), eps=1e-8, foreach=True)
+    for step in range(20):
+        for ps, opt in ((ours_p, ours), (ref_p, ref)):
+            opt.zero_grad()
+            loss_fn(ps, targets, step).backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours_p, ref_p))
+    from nanolisa.adamw import _slices
+    m = [ours.state[p]["exp_avg"] for p in ours_p]
+    v = [ours.state[p]["exp_avg_sq"] for p in ours_p]
+    groups_seen = list(_slices(ours_p, m, v, [1.0] * 5, [1.0] * 5))
+    assert max(sum(t.numel() for t in g[0]) for g in groups_seen) <= 8  # the bound holds ...
+    assert sum(t.numel() for g in groups_seen for t in g[0]) == sum(p.numel() for p in ours_p)  # ... all covered
+
+
 @pytest.mark.parametrize("foreach", [True, False])
 def test_parity_with_torch_adamw(foreach):
     params, targets = make_problem()

@@ -179,7 +179,7 @@ def interactive(chat: Chat) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
-    model, tokenizer = load_for_inference(args.model, args.lora, args.dtype, args.device)
+    model, tokenizer = load_for_inference(args.model, args.lora, args.dtype, args.device, args.kernels)
     chat = Chat(model, tokenizer, args)
     if args.prompt is not None:
         chat.reply(args.prompt, sys.stdout)

@@ -13,6 +13,8 @@ from typing import Callable, NoReturn
 
 from nanolisa.config import DTYPES, to_dtype
 from nanolisa.errors import UserError
+from nanolisa.kernels import CHOICES as KERNELS
+from nanolisa.kernels import use_kernels
 from nanolisa.lora import load_adapter, read_adapter_config
 from nanolisa.pretrained import load_pretrained
 from nanolisa.runtime import default_dtype, pick_device
@@ -38,19 +40,22 @@ def run_cli(main: Callable[[], None]) -> None:
 
 
 def add_runtime_args(p: argparse.ArgumentParser, training: bool = False) -> None:
-    """--dtype, --device and --threads, the same for every tool (nanolisa/runtime.py applies them)."""
+    """--dtype, --device, --kernels and --threads, the same for every tool (nanolisa/runtime.py applies them)."""
     dtype_help = ("mixed precision: the forward pass runs in this dtype (autocast) while the weights and "
                   "AdamW state stay fp32" if training else "dtype of the weights")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help=f"{dtype_help} (default: bf16 on a GPU that supports it, else fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--kernels", default="auto", choices=list(KERNELS), help="auto: Triton kernels on a CUDA "
+                   "GPU when triton is installed, else PyTorch; the training loss never builds the full logits "
+                   "either way (see kernels/) (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice). On a busy machine --threads 1 can be "
                         "much faster: small matmuls wait on the slowest thread")
 
 
 def load_for_inference(model_path: str, lora: str | None = None, dtype: str | None = None,
-                       device: str | None = None):
+                       device: str | None = None, kernels: str = "auto"):
     """(model, tokenizer) in eval mode, for chat and eval: a Hugging Face directory or a preset name,
     optionally with a LoRA adapter directory on top (a bare adapter directory as model_path loads the base
     model its adapter_config.json names). dtype None: bf16 on a GPU that supports it, else fp32."""
@@ -70,4 +75,5 @@ def load_for_inference(model_path: str, lora: str | None = None, dtype: str | No
             raise UserError(f"--lora {lora}: no such adapter directory")
         load_adapter(model, lora)
         model.to(device=dev, dtype=dtype)
+    use_kernels(model, kernels)
     return model.eval(), tokenizer

@@ -152,7 +152,7 @@ def eval_choice(model, tokenizer, args) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
-    model, tokenizer = load_for_inference(args.model, args.lora, args.dtype, args.device)
+    model, tokenizer = load_for_inference(args.model, args.lora, args.dtype, args.device, args.kernels)
     t0 = time.perf_counter()
     result = {"nll": eval_nll, "accuracy": eval_accuracy, "choice": eval_choice}[args.metric](model, tokenizer, args)
     result = {"metric": args.metric, **result, "model": args.model, "lora": args.lora, "data": args.data,
