@@ -323,7 +323,7 @@ class CausalLM(nn.Module):
         hidden = self.hidden_states(input_ids, position_ids, kv_cache)  # (B, T, C)
         if targets is None:
             return self.lm_head(hidden)  # (B, T, V)
-        return self.head_loss(hidden, self.lm_head, targets)  # (B, T)
+        return self.head_loss(hidden, self.lm_head, targets).clone()  # (B, T), not a view (FSDP2 hooks it)
 
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None,
                       kv_cache: KVCache | None = None) -> Tensor:

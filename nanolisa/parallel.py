@@ -78,8 +78,12 @@ def init_world(device: str | None) -> tuple[World, torch.device]:
     return world, dev
 
 
-def close_world() -> None:
+def close_world(clean: bool = True) -> None:
+    """Leave the process group. After a clean finish the ranks first wait for each other: a rank tearing
+    down its connections while another still uses them can abort the process."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

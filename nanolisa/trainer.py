@@ -89,7 +89,7 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         if run_dir:
             run_dir.close(finished)
-        close_world()
+        close_world(clean=finished)
 
 
 def check_inputs_exist(cfg: TrainConfig) -> None:
