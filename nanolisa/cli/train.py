@@ -32,6 +32,21 @@ TINY = RECIPES["tiny"]
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     d = TrainConfig()
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p, d)
+    add_method_args(p, d)
+    add_optimisation_args(p, d)
+    add_runtime_args(p.add_argument_group("runtime"), training=True)
+    add_output_args(p, d)
+    a = p.parse_args(argv)
+
+    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__})
+    cfg.plot = not a.no_plot
+    cfg.lora_modules_to_save = [m for m in a.lora_modules_to_save.split(",") if m]
+    return cfg
+
+
+def add_data_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """--model, --data, --out and how the data becomes examples."""
     g = p.add_argument_group("model, data and output")
     g.add_argument("--model", default=d.model, help="Hugging Face model directory, or a built-in preset "
                    "(default: %(default)s, a 0.8M-parameter Llama that needs no download)")
@@ -55,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     g.add_argument("--pack", action="store_true", help="pack several examples into each row of --seq-len "
                    "tokens; attention never crosses examples")
 
+
+def add_method_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """LISA, LoRA or full fine-tuning, and each method's settings."""
     g = p.add_argument_group("method", "the LISA flags are for --method lisa and the LoRA flags for --method "
                              "lora: given with another method they are an error, since they would do nothing")
     g.add_argument("--method", default=d.method, help="lisa | lora | full (default: %(default)s)")
@@ -78,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     g.add_argument("--dora", action="store_true", help="weight-decomposed LoRA (DoRA)")
     g.add_argument("--merge", action="store_true", help="LoRA: also write the merged full model to --out/merged")
 
+
+def add_optimisation_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Steps, batches, the learning-rate schedule and AdamW."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps to run (default: one epoch, or "
                    f"--epochs; the tiny preset's recipe: {TINY['steps']})")
@@ -103,8 +124,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     g.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation, data order and LISA's "
                    "layer sampling (default: %(default)s)")
 
-    add_runtime_args(p.add_argument_group("runtime"), training=True)
 
+def add_output_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Evaluation, checkpoints, resuming, logs, and several processes."""
     g = p.add_argument_group("evaluation, checkpoints and logs")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out loss every N steps, 0 = "
                    "never, -1 = ten times per run (default: %(default)s)")
@@ -123,12 +145,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     g.add_argument("--no-plot", action="store_true", help="do not draw --out/loss.png")
     g.add_argument("--quiet", action="store_true", help="no progress output and no notes (errors are "
                    "still printed)")
-    a = p.parse_args(argv)
 
-    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__})
-    cfg.plot = not a.no_plot
-    cfg.lora_modules_to_save = [m for m in a.lora_modules_to_save.split(",") if m]
-    return cfg
 
 
 def main(argv: list[str] | None = None) -> None:
