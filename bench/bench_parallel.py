@@ -30,12 +30,14 @@ from nanolisa.lisa import LISA  # noqa: E402
 from nanolisa.loss import next_token_nll  # noqa: E402
 from nanolisa.model import build_model  # noqa: E402
 from nanolisa.parallel import close_world, init_world, replicate, shard  # noqa: E402
+from nanolisa.runtime import return_freed_memory_to_os  # noqa: E402
 from nanolisa.trainer import param_groups  # noqa: E402
 
 MB = 1024 * 1024
 
 
 def run(a: argparse.Namespace) -> None:
+    return_freed_memory_to_os()  # as train.py does at start-up
     torch.set_num_threads(a.threads)
     world, device = init_world("cpu")
     torch.manual_seed(0)
@@ -45,6 +47,7 @@ def run(a: argparse.Namespace) -> None:
                       hidden_act="silu", tie_word_embeddings=False)
     model = build_model(cfg)
     model.init_weights()
+    model.gradient_checkpointing = a.grad_checkpointing
     model.train()
     lisa = LISA(model, n_layers=1, interval=a.interval, seed=0) if a.mode == "lisa" else None
     if world.distributed and a.parallel == "fsdp":
@@ -83,7 +86,8 @@ def run_all(a: argparse.Namespace, shape: list[str]) -> None:
     py = sys.executable
     me = os.path.abspath(__file__)
     rows = []
-    for mode in ("lisa", "full"):
+    modes = a.modes.split(",")
+    for mode in modes:
         for launch in (["1"], ["fsdp"], ["ddp"]):
             cmd = [py, me, "--mode", mode, *shape] if launch == ["1"] else \
                 [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", me, "--mode", mode,
@@ -95,7 +99,7 @@ def run_all(a: argparse.Namespace, shape: list[str]) -> None:
             print(rows[-1], file=sys.stderr, flush=True)
     print("| mode | run | peak RSS per rank (MB) | vs 1 rank | tokens/s per rank | tokens/s in all |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for mode in ("lisa", "full"):
+    for mode in modes:
         ref = next(r for r in rows if r["mode"] == mode and r["parallel"] == "1 rank")
         for label in ("1 rank", "fsdpx2", "ddpx2"):
             rs = [r for r in rows if r["mode"] == mode and r["parallel"] == label]
@@ -120,10 +124,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--interval", type=int, default=1, help="LISA: steps between switches")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute each block's activations in "
+                    "backward, as train.py --grad-checkpointing")
+    ap.add_argument("--modes", default="lisa,full", help="with --all: the modes to run (default: %(default)s)")
     a = ap.parse_args()
     if a.all:
         shape = [x for f in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "batch", "seq", "steps",
                              "interval", "threads") for x in (f"--{f.replace('_', '-')}", str(getattr(a, f)))]
+        shape += ["--grad-checkpointing"] if a.grad_checkpointing else []
         run_all(a, shape)
     else:
         run(a)
