@@ -23,13 +23,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench.bench_train import PeakRSS  # noqa: E402
+from bench.bench_train import PeakRSS, bench_model  # noqa: E402
 from nanolisa.adamw import AdamW  # noqa: E402
-from nanolisa.config import ModelConfig  # noqa: E402
 from nanolisa.lisa import LISA  # noqa: E402
 from nanolisa.loss import next_token_nll  # noqa: E402
-from nanolisa.model import build_model  # noqa: E402
-from nanolisa.parallel import close_world, init_world, replicate, shard  # noqa: E402
+from nanolisa.parallel import close_world, gather, init_world, replicate, shard  # noqa: E402
 from nanolisa.runtime import return_freed_memory_to_os  # noqa: E402
 from nanolisa.trainer import param_groups  # noqa: E402
 
@@ -41,14 +39,7 @@ def run(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
     world, device = init_world("cpu")
     torch.manual_seed(0)
-    cfg = ModelConfig(model_type="llama", vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
-                      num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.hidden // a.heads,
-                      intermediate_size=a.ffn, max_position_embeddings=max(2048, a.seq), norm_eps=1e-6,
-                      hidden_act="silu", tie_word_embeddings=False)
-    model = build_model(cfg)
-    model.init_weights()
-    model.gradient_checkpointing = a.grad_checkpointing
-    model.train()
+    model = bench_model(a)
     lisa = LISA(model, n_layers=1, interval=a.interval, seed=0) if a.mode == "lisa" else None
     if world.distributed and a.parallel == "fsdp":
         shard(model)
@@ -71,10 +62,7 @@ def run(a: argparse.Namespace) -> None:
     label = f"{a.parallel}x{world.world_size}" if world.distributed else "1 rank"
     row = {"mode": a.mode, "parallel": label, "rank": world.rank, "peak_rss_mb": round(peaks.process),
            "tokens_per_s_per_rank": round(a.batch * a.seq * (a.steps - 1) / dt, 1)}
-    rows = [row]
-    if world.distributed:  # rank 0 prints every rank's line (their stdout would interleave)
-        rows = [None] * world.world_size
-        torch.distributed.all_gather_object(rows, row)
+    rows = gather(row, world)  # rank 0 prints every rank's line: their stdout would interleave
     if world.is_main:
         for r in rows:
             print(json.dumps(r), flush=True)

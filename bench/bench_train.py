@@ -110,6 +110,18 @@ def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+def bench_model(a: argparse.Namespace) -> torch.nn.Module:
+    """The random Llama-shaped model of the shape flags, in training mode (the global RNG seeds it)."""
+    cfg = ModelConfig(model_type="llama", vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
+                      num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.hidden // a.heads,
+                      intermediate_size=a.ffn, max_position_embeddings=max(2048, a.seq), norm_eps=1e-6,
+                      hidden_act="silu", tie_word_embeddings=False)
+    model = build_model(cfg)
+    model.init_weights()
+    model.gradient_checkpointing = a.grad_checkpointing
+    return model.train()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["full", "lora", "lisa"], required=True)
@@ -138,13 +150,7 @@ def main() -> None:
     base = rss_mb()  # the process before the model exists: Python + torch + nanolisa imports
     torch.manual_seed(0)
     random.seed(0)
-    cfg = ModelConfig(model_type="llama", vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
-                      num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.hidden // a.heads,
-                      intermediate_size=a.ffn, max_position_embeddings=max(2048, a.seq), norm_eps=1e-6,
-                      hidden_act="silu", tie_word_embeddings=False)
-    model = build_model(cfg)
-    model.init_weights()
-    model.gradient_checkpointing = a.grad_checkpointing
+    model = bench_model(a)
     kernels = use_kernels(model, a.kernels) if a.kernels != "none" else "none"
     model.train()
 

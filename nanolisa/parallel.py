@@ -127,12 +127,18 @@ def all_sum(values: list[float], world: World, device: torch.device) -> list[flo
     return t.tolist()
 
 
-def check_same_on_all_ranks(value, world: World, what: str) -> None:
-    """Stop every rank at once if they disagree on `value` (e.g. the blocks LISA activated)."""
+def gather(value, world: World) -> list:
+    """Every rank's value (any picklable object), on every rank, in rank order."""
     if not world.distributed:
-        return
+        return [value]
     seen: list = [None] * world.world_size
     dist.all_gather_object(seen, value)
+    return seen
+
+
+def check_same_on_all_ranks(value, world: World, what: str) -> None:
+    """Stop every rank at once if they disagree on `value` (e.g. the blocks LISA activated)."""
+    seen = gather(value, world)
     if any(v != seen[0] for v in seen):
         raise UserError(f"the ranks disagree on {what}: {seen}; this is a bug, please report it")
 

@@ -8,7 +8,7 @@ import nanolisa
 from nanolisa.adamw import AdamW
 from nanolisa.lisa import LISA
 from nanolisa.loss import next_token_nll
-from nanolisa.parallel import close_world, init_world, shard
+from nanolisa.parallel import close_world, gather, init_world, shard
 
 world, device = init_world("cpu")
 model, _ = nanolisa.load_pretrained("tiny")
@@ -28,10 +28,7 @@ local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
 state_bytes = sum(local(v).numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k != "step")
 row = {"rank": world.rank, "active": lisa.active, "names": sorted(names[p] for p in opt.state),
        "state_bytes": state_bytes}
-rows = [row]
-if world.distributed:  # rank 0 prints every rank's line: the ranks' stdout would interleave
-    rows = [None] * world.world_size
-    torch.distributed.all_gather_object(rows, row)
+rows = gather(row, world)  # rank 0 prints every rank's line: the ranks' stdout would interleave
 if world.is_main:
     for r in rows:
         print(json.dumps(r), flush=True)
