@@ -1,6 +1,7 @@
 # Two entry points, both work on a fresh machine:
-#   make demo   create .venv, install nanolisa, fine-tune the built-in tiny model on the demo data with LISA,
-#               then measure its held-out exact-match accuracy
+#   make demo   create .venv, install nanolisa, fine-tune the built-in tiny model on the demo data with LISA
+#               into out/ (--overwrite: a second make demo redoes the demo there), then measure its held-out
+#               exact-match accuracy
 #   make test   create .venv, install nanolisa with the test oracles and triton (its kernels are tested in
 #               Triton's CPU interpreter), run the test suite
 # torch==2.13.0 is installed first: it is a CPU wheel, and installing it before the package keeps pip
@@ -21,7 +22,7 @@ venv: $(BIN)/python
 
 demo: venv
 	$(BIN)/pip install -q -e ".[plot]"
-	$(BIN)/python train.py
+	$(BIN)/python train.py --overwrite
 	$(BIN)/python eval.py --model out --metric accuracy
 
 test: venv
