@@ -25,11 +25,18 @@ QUICK = ["--seq-len", "48", "--eval-every", "0", "--no-plot", "--quiet", "--lr",
 TOL = 1e-5
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
+    """`torchrun --standalone --nproc_per_node N train.py ARGS` as a command line."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            os.path.join(ROOT, "train.py"), *args]
+
+
 def torchrun(*args: str, nproc: int = 2, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(ROOT, "train.py"), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+    p = subprocess.run(torchrun_cmd(*args, nproc=nproc), capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env=ENV, **kw)
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -106,10 +113,8 @@ def test_killed_two_rank_lisa_run_resumes_bit_exactly(tmp_path):
     straight = tmp_path / "straight"
     torchrun(*args, "--out", str(straight))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *args, "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(torchrun_cmd(*args, "--out", str(out)), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ENV)
     ckpt = out / "checkpoints" / "step-0000004"
     deadline = time.time() + 120
     while not (ckpt / "trainer_state.json").exists() and time.time() < deadline and proc.poll() is None:
@@ -126,11 +131,9 @@ def test_sigterm_checkpoints_every_rank_and_resume_is_bit_exact(tmp_path):
     straight = tmp_path / "straight"
     torchrun(*args, "--out", str(straight))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *args, "--out", str(out)]
     metrics = out / "checkpoints" / "metrics.jsonl"  # where a run keeps its metrics until it finishes
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(torchrun_cmd(*args, "--out", str(out)), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # wait until a few steps are done
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
@@ -198,8 +201,8 @@ def test_two_nodes_rendezvous_train_like_one_rank(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
                                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                                "--rdzv_id=nanolisa-test", os.path.join(ROOT, "train.py"), *args, "--out", str(out)],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for r in range(2)]
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for r in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
