@@ -4,10 +4,22 @@
   python chat.py --model out --prompt "What is 2+3?"   # one-shot: only the reply goes to stdout
   python chat.py --help                             # every flag, explained
 
-The code is in nanolisa/cli/chat.py and nanolisa/generate.py; after `pip install nanolisa` the same tool
-is `nanolisa chat`.
+The code is in nanolisa/cli/chat.py and nanolisa/generate.py. Run it with the Python `make demo` set up
+(.venv/bin/python chat.py); after `pip install .` in this checkout (nanolisa is not on the package index)
+the same tool is `nanolisa chat`.
 """
-from nanolisa.cli.chat import run
+import os
+import sys
+
+try:
+    from nanolisa.cli.chat import run
+except ModuleNotFoundError as e:  # a Python without nanolisa's requirements (not the one `make demo` set up)
+    if (e.name or "").partition(".")[0] == "nanolisa":
+        raise
+    venv = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".venv", "bin", "python")
+    print(f"error: {e.name} is not installed for {sys.executable}; run chat.py with the Python `make demo` set "
+          f"up ({venv} chat.py ...), or pip install . into this one", file=sys.stderr)
+    sys.exit(2)
 
 if __name__ == "__main__":
     run()

@@ -1,128 +1,107 @@
 #!/usr/bin/env python3
-"""Per-rank memory and speed of multi-process training: FSDP2 and DDP, LISA and full, against one rank.
+"""Per-rank memory of multi-process training, loading included: train.py on 2 ranks against 1 rank.
 
-The twin of bench_train.py for several processes: the same random Llama-shaped model, nanolisa's AdamW,
-LISA and the loss, made data-parallel by nanolisa/parallel.py exactly as the trainer does it (FSDP2: one
-unit per block, the embedding, norm + head, the root; DDP: rebuilt at each LISA switch). Every rank
-trains on its own batch of the per-rank size, so activations per rank are those of the 1-rank run and the
-difference is what sharding saves. Each rank prints one JSON line: its peak resident set and tokens/s.
+Each row is a real `train.py` run (under `torchrun --nproc_per_node 2` for the 2-rank rows) on a random
+Llama checkpoint of the shape, written once as a Hugging Face directory (fp32): loading it, sharding it
+(FSDP2 builds on the meta device and each rank reads only its rows; DDP and 1 rank load it whole),
+training a few steps and writing the result. 2 ranks run with half the per-rank batch, so both rows
+train on the same global batch. Measured: the peak resident set of the largest rank over the whole run
+(its ru_maxrss, from a small launcher: see LAUNCHER), and tokens/s from the run's metrics.jsonl.
 
-Usage (1 rank, then 2 ranks; every row of bench/RESULTS.md's multi-process table is one such run):
-  .venv/bin/python bench/bench_parallel.py --mode lisa $SHAPE
-  .venv/bin/torchrun --standalone --nproc_per_node 2 bench/bench_parallel.py --mode lisa --parallel fsdp $SHAPE
-  .venv/bin/python bench/bench_parallel.py --all $SHAPE      # the whole table, one configuration at a time
-with SHAPE e.g. "--layers 12 --hidden 768 --ffn 2048 --heads 12 --kv-heads 12 --vocab 320 --batch 4 --seq 512".
+Shapes (--shape):
+  weight-heavy  16 blocks x 1024, ffn 2816, vocab 32000: 270M parameters, 1.1 GB in fp32; 3 steps of
+                4 x 64 tokens in all. Its peak is weights and AdamW state: what sharding divides.
+  85m           12 blocks x 768, ffn 2048, vocab 320: 85M parameters; 3 steps of 4 x 512 tokens in all.
+                Its peak is the activations of the batch, which sharding does not divide.
+
+Usage:
+  .venv/bin/python bench/bench_parallel.py --shape weight-heavy           # LISA and full, 1 rank / FSDP2 / DDP
+  .venv/bin/python bench/bench_parallel.py --shape 85m --grad-checkpointing --modes lisa
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
-import time
+import tempfile
 
-import torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench.bench_train import PeakRSS, bench_model  # noqa: E402
-from nanolisa.adamw import AdamW  # noqa: E402
-from nanolisa.lisa import LISA  # noqa: E402
-from nanolisa.loss import next_token_nll  # noqa: E402
-from nanolisa.parallel import close_world, gather, init_world, replicate, shard  # noqa: E402
-from nanolisa.runtime import return_freed_memory_to_os  # noqa: E402
-from nanolisa.trainer import param_groups  # noqa: E402
+MB = 2**20
+SHAPES = {  # config.json fields, global batch, sequence length
+    "weight-heavy": (dict(num_hidden_layers=16, hidden_size=1024, intermediate_size=2816, vocab_size=32000,
+                          num_attention_heads=16, num_key_value_heads=16), 4, 64),
+    "85m": (dict(num_hidden_layers=12, hidden_size=768, intermediate_size=2048, vocab_size=320,
+                 num_attention_heads=12, num_key_value_heads=12), 4, 512),
+}
+MODES = {"lisa": ["--method", "lisa", "--lisa-layers", "1", "--interval", "1"], "full": ["--method", "full"]}
 
-MB = 1024 * 1024
-
-
-def run(a: argparse.Namespace) -> None:
-    return_freed_memory_to_os()  # as train.py does at start-up
-    torch.set_num_threads(a.threads)
-    world, device = init_world("cpu")
-    torch.manual_seed(0)
-    model = bench_model(a)
-    lisa = LISA(model, n_layers=1, interval=a.interval, seed=0) if a.mode == "lisa" else None
-    if world.distributed and a.parallel == "fsdp":
-        shard(model)
-    opt = AdamW(param_groups(model, 0.0), lr=1e-4, weight_decay=0.0)
-    ddp = None
-    peaks = PeakRSS()
-    torch.manual_seed(world.rank)
-    for step in range(a.steps):
-        switched = lisa.maybe_switch(step, opt) if lisa else False
-        if world.distributed and a.parallel == "ddp" and (ddp is None or switched):
-            ddp = replicate(model, first=ddp is None)
-        if step == 1:
-            t0 = time.perf_counter()
-        ids = torch.randint(0, a.vocab, (a.batch, a.seq))  # (B, T): this rank's batch
-        (next_token_nll(ddp or model, ids, ids).sum() / ids.numel()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        peaks.end_step()
-    dt = time.perf_counter() - t0
-    label = f"{a.parallel}x{world.world_size}" if world.distributed else "1 rank"
-    row = {"mode": a.mode, "parallel": label, "rank": world.rank, "peak_rss_mb": round(peaks.process),
-           "tokens_per_s_per_rank": round(a.batch * a.seq * (a.steps - 1) / dt, 1)}
-    rows = gather(row, world)  # rank 0 prints every rank's line: their stdout would interleave
-    if world.is_main:
-        for r in rows:
-            print(json.dumps(r), flush=True)
-    close_world()
+# Runs a command and writes its peak resident set (KiB) to a file. The command is started from this small
+# launcher, not from the bench itself: a child of a large process would inherit that process's high-water
+# mark in ru_maxrss. wait4's usage covers the command and every child it waited for (torchrun's ranks).
+LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, status, usage = os.wait4(p.pid, 0); "
+            "open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); sys.exit(os.waitstatus_to_exitcode(status))")
 
 
-def run_all(a: argparse.Namespace, shape: list[str]) -> None:
-    """Every configuration, one after the other; prints the table rows."""
-    py = sys.executable
-    me = os.path.abspath(__file__)
-    rows = []
-    modes = a.modes.split(",")
-    for mode in modes:
-        for launch in (["1"], ["fsdp"], ["ddp"]):
-            cmd = [py, me, "--mode", mode, *shape] if launch == ["1"] else \
-                [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", me, "--mode", mode,
-                 "--parallel", launch[0], *shape]
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode:
-                sys.exit(p.stderr[-2000:])
-            rows += [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-            print(rows[-1], file=sys.stderr, flush=True)
-    print("| mode | run | peak RSS per rank (MB) | vs 1 rank | tokens/s per rank | tokens/s in all |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for mode in modes:
-        ref = next(r for r in rows if r["mode"] == mode and r["parallel"] == "1 rank")
-        for label in ("1 rank", "fsdpx2", "ddpx2"):
-            rs = [r for r in rows if r["mode"] == mode and r["parallel"] == label]
-            peak = max(r["peak_rss_mb"] for r in rs)
-            speed = min(r["tokens_per_s_per_rank"] for r in rs)
-            print(f"| {mode} | {label} | {peak} | {peak / ref['peak_rss_mb']:.2f}x | {speed} | {speed * len(rs):.0f} |")
+def write_model(path: str, shape: str) -> str:
+    from tests.helpers import write_llama
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        write_llama(path, **SHAPES[shape][0])
+    return path
+
+
+def write_data(path: str, n: int = 64) -> str:
+    """text_only records long enough that every row is --seq-len tokens (the byte tokenizer)."""
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "apple"]
+    with open(path, "w") as f:
+        json.dump({"type": "text_only", "instances": [{"text": " ".join(words[(i * 7 + j) % 8] for j in range(600))}
+                                                      for i in range(n)]}, f)
+    return path
+
+
+def run(model: str, data: str, out: str, shape: str, mode: str, launch: str, ckpt: bool) -> dict:
+    """One train.py run; its largest rank's peak RSS (MB) and tokens/s in all."""
+    _, batch, seq = SHAPES[shape]
+    ranks = 1 if launch == "1 rank" else 2
+    args = [os.path.join(ROOT, "train.py"), "--model", model, "--data", data, "--out", out, *MODES[mode],
+            "--batch-size", str(batch // ranks), "--seq-len", str(seq), "--steps", "3", "--eval-every", "0",
+            "--save-every", "0", "--no-plot", "--quiet", "--warmup", "0", "--threads", "1",
+            *(["--grad-checkpointing"] if ckpt else [])]
+    cmd = [sys.executable, *args] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+         "--parallel", launch.split()[0]]
+    with tempfile.NamedTemporaryFile("r") as peak:
+        p = subprocess.run([sys.executable, "-c", LAUNCHER, peak.name, *cmd], capture_output=True, text=True,
+                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if p.returncode:
+            sys.exit(f"{' '.join(cmd)} failed: {p.stderr[-2000:]}")
+        peak_mb = int(peak.read()) * 1024 / MB
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    speed = sum(r["tokens_per_s"] for r in rows[1:]) / len(rows[1:])  # after the first step (warm-up)
+    return {"shape": shape, "mode": mode, "run": launch, "peak_rss_mb": round(peak_mb), "tokens_per_s": round(speed)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["full", "lisa"], default="lisa")
-    ap.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="under torchrun")
-    ap.add_argument("--all", action="store_true", help="run the whole table (1 rank, FSDP x2, DDP x2; LISA, full)")
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--ffn", type=int, default=2048)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--kv-heads", type=int, default=12)
-    ap.add_argument("--vocab", type=int, default=320)
-    ap.add_argument("--batch", type=int, default=4, help="per rank")
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--interval", type=int, default=1, help="LISA: steps between switches")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute each block's activations in "
-                    "backward, as train.py --grad-checkpointing")
-    ap.add_argument("--modes", default="lisa,full", help="with --all: the modes to run (default: %(default)s)")
+    ap.add_argument("--shape", choices=list(SHAPES), default="weight-heavy")
+    ap.add_argument("--modes", default="lisa,full", help="the methods to run (default: %(default)s)")
+    ap.add_argument("--runs", default="1 rank,fsdp x2,ddp x2", help="which launches (default: %(default)s)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="as train.py --grad-checkpointing")
     a = ap.parse_args()
-    if a.all:
-        shape = [x for f in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "batch", "seq", "steps",
-                             "interval", "threads") for x in (f"--{f.replace('_', '-')}", str(getattr(a, f)))]
-        shape += ["--grad-checkpointing"] if a.grad_checkpointing else []
-        run_all(a, shape)
-    else:
-        run(a)
+    print("| shape | mode | run | peak RSS per rank (MB) | vs 1 rank | tokens/s in all |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as work:
+        model = write_model(os.path.join(work, "model"), a.shape)
+        data = write_data(os.path.join(work, "data.json"))
+        for mode in a.modes.split(","):
+            ref = None
+            for launch in a.runs.split(","):
+                r = run(model, data, os.path.join(work, f"out-{mode}-{launch.replace(' ', '')}"), a.shape, mode,
+                        launch, a.grad_checkpointing)
+                ref = ref or r["peak_rss_mb"]
+                print(f"| {a.shape}{' +ckpt' if a.grad_checkpointing else ''} | {mode} | {launch} | "
+                      f"{r['peak_rss_mb']} | {r['peak_rss_mb'] / ref:.2f}x | {r['tokens_per_s']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from nanolisa.activation_memory import lean  # noqa: E402
 from nanolisa.adamw import AdamW  # noqa: E402
 from nanolisa.config import ModelConfig  # noqa: E402
 from nanolisa.kernels import use_kernels  # noqa: E402
@@ -143,6 +144,12 @@ def main() -> None:
                     help="nanolisa.kernels.use_kernels, as train.py --kernels; none: the plain model (full logits)")
     ap.add_argument("--grad-checkpointing", action="store_true",
                     help="recompute each block's activations in backward (not in peer_stack.py; off by default)")
+    ap.add_argument("--checkpoint-frozen", action="store_true",
+                    help="LISA: recompute the frozen blocks' activations in backward (train.py --checkpoint-frozen)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block (train.py --compile); "
+                    "tokens/s counts the steps after the first, which compiles")
+    ap.add_argument("--plain", action="store_true",
+                    help="model.py's plain autograd, without nanolisa/activation_memory.py (the 'before' figures)")
     a = ap.parse_args()
     if a.steps < 2:
         ap.error("--steps must be at least 2 (tokens/s is measured over the steps after the first)")
@@ -152,6 +159,11 @@ def main() -> None:
     random.seed(0)
     model = bench_model(a)
     kernels = use_kernels(model, a.kernels) if a.kernels != "none" else "none"
+    if not a.plain:
+        lean(model, a.checkpoint_frozen)  # as trainer.setup does (nanolisa/activation_memory.py)
+    if a.compile:
+        from nanolisa.kernels.compile import compile_blocks
+        compile_blocks(model)
     model.train()
 
     lisa = None
@@ -198,7 +210,9 @@ def main() -> None:
     peak = peaks.process
     tokens = a.batch * a.seq * (a.steps - 1)
 
-    out = {"mode": a.mode + (f"-g{a.lisa_layers}" if lisa else "") + ("+ckpt" if a.grad_checkpointing else "") + ("+frozen-emb" if a.freeze_embeddings else ""),
+    out = {"mode": a.mode + (f"-g{a.lisa_layers}" if lisa else "") + ("+ckpt" if a.grad_checkpointing else "") + ("+frozen-emb" if a.freeze_embeddings else "")
+                   + ("+ckpt-frozen" if a.checkpoint_frozen else "") + ("+plain" if a.plain else "")
+                   + ("+compile" if a.compile else ""),
            "kernels": kernels,
            "peak_rss_mb": round(peak),
            "base_rss_mb": round(base),

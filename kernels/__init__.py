@@ -60,7 +60,7 @@ def resolve(kernels: str, device: torch.device) -> str:
     if kernels == "triton":
         if not triton_installed():
             raise UserError("--kernels triton: triton is not installed; pip install triton "
-                            "(or nanolisa[kernels]), or use --kernels torch")
+                            "(or pip install \".[kernels]\" in a nanolisa checkout), or use --kernels torch")
         if device.type != "cuda" and not interpreting():
             raise UserError(f"--kernels triton needs a CUDA GPU (the model is on {device.type}); set "
                             f"TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter (slow), "
@@ -68,27 +68,59 @@ def resolve(kernels: str, device: torch.device) -> str:
     return kernels
 
 
-def use_kernels(model: torch.nn.Module, kernels: str = "auto") -> str:
+def use_kernels(model: torch.nn.Module, kernels: str = "auto", dtype: torch.dtype | None = None,
+                device: torch.device | None = None) -> str:
     """Swap kernels into a built nanolisa model, in place; return what was chosen, "triton" or "torch".
 
-    Call it once the model is on its device, before or after LoRA / LISA set-up (parameters are shared,
-    never copied). Calling it again switches back and forth."""
+    Call it before or after LoRA / LISA set-up (parameters are shared, never copied), but before FSDP2
+    shards the model (it replaces modules). `device`: where the model runs (default: where its weights
+    are; a model still on the meta device needs it). Calling it again switches back and forth. On a GPU
+    each Triton kernel first passes the self-check (kernels/check.py) for the model's head size and
+    `dtype` (the compute dtype: autocast's, or the weights'); one that fails to compile, launch or match
+    PyTorch is left out with a one-line notice, and PyTorch's kernel does that work instead."""
     from nanolisa.kernels.linear_cross_entropy import TORCH_ROWS, HeadLoss
     from nanolisa.model import RMSNorm, sdpa_attention
 
-    chosen = resolve(kernels, model.lm_head.weight.device)
+    device = device or model.lm_head.weight.device
+    chosen = resolve(kernels, device)
+    works = _self_check(model, dtype or model.lm_head.weight.dtype, device) if chosen == "triton" else {}
+    attention, norm, rows = sdpa_attention, RMSNorm, TORCH_ROWS
     if chosen == "triton":
         from nanolisa.kernels.flash_attention import flash_attention
         from nanolisa.kernels.rmsnorm import TritonRMSNorm
         from nanolisa.kernels.triton_linear_cross_entropy import TRITON_ROWS
-        model.set_attention(flash_attention)
-        _swap_rmsnorm(model, TritonRMSNorm)
-        model.head_loss = HeadLoss(TRITON_ROWS)
-    else:
-        model.set_attention(sdpa_attention)
-        _swap_rmsnorm(model, RMSNorm)
-        model.head_loss = HeadLoss(TORCH_ROWS)
+        attention = flash_attention if works["attention"] else attention
+        norm = TritonRMSNorm if works["rmsnorm"] else norm
+        rows = TRITON_ROWS if works["loss"] else rows
+    model.set_attention(attention)
+    _swap_rmsnorm(model, norm)
+    model.head_loss = HeadLoss(rows)
     return chosen
+
+
+_checked: dict[tuple, bool] = {}  # (kernel, device, dtype, head size) -> passed, once per process
+SELF_CHECK = torch.cuda.is_available()  # a GPU: check; Triton's interpreter (tests): test_kernels.py does
+
+
+def _self_check(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, bool]:
+    """Which Triton kernels pass kernels/check.py on the model's GPU, for its head size and `dtype`. In
+    Triton's interpreter (tests) they are not checked again here: tests/test_kernels.py checks them."""
+    if not SELF_CHECK:
+        return dict.fromkeys(("attention", "rmsnorm", "loss"), True)
+    from nanolisa.kernels.check import TOLERANCE, check
+    head_size = model.config.head_dim
+    dtype = dtype if dtype in TOLERANCE else torch.float32
+    works = {}
+    for kernel in ("attention", "rmsnorm", "loss"):
+        key = (kernel, device, dtype, head_size)
+        if key not in _checked:
+            ok, detail = check(kernel, device, dtype, head_size)
+            _checked[key] = ok
+            if not ok:
+                notice_once(f"the Triton {kernel} kernel failed its self-check on this GPU ({detail}): using "
+                            f"PyTorch's instead (python -m nanolisa.kernels.check shows every kernel)")
+        works[kernel] = _checked[key]
+    return works
 
 
 def _swap_rmsnorm(model: torch.nn.Module, cls: type) -> None:
@@ -97,7 +129,7 @@ def _swap_rmsnorm(model: torch.nn.Module, cls: type) -> None:
     for name, m in list(model.named_modules()):
         if isinstance(m, RMSNorm) and type(m) is not cls:
             with torch.device("meta"):  # allocate nothing: the weight Parameter moves over
-                new = cls(m.weight.numel(), m.eps)
+                new = cls(m.weight.numel(), m.eps, m.offset, m.weight_fp32)
             new.weight = m.weight
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, new)

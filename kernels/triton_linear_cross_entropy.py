@@ -105,7 +105,7 @@ TRITON_ROWS = TritonRows()
 
 
 def triton_linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                                chunk: int | None = None) -> Tensor:
+                                chunk: int | None = None, softcap: float | None = None) -> Tensor:
     """linear_cross_entropy with the Triton softmax kernels: hidden (N, C) -> per-token loss (N,) fp32."""
-    return linear_cross_entropy(hidden, weight, bias, targets, chunk, TRITON_ROWS)
+    return linear_cross_entropy(hidden, weight, bias, targets, chunk, TRITON_ROWS, softcap)
 

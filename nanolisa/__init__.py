@@ -5,36 +5,28 @@ fine-tuning, in pure PyTorch.
     model, tokenizer = nanolisa.load_pretrained("path/to/hf-model")   # or the built-in preset "tiny"
     logits = model(input_ids)                                          # (B, T, vocab)
     nanolisa.save_pretrained(model, tokenizer, "out/")                 # loads in transformers as-is
+
+Where nanolisa.kernels comes from: the top-level kernels/ folder. It stays outside the package so that a
+reader sees the reference model (nanolisa/model.py) and the faster kernels swapped into it as two separate
+things. An install maps the folder to `nanolisa.kernels` (pyproject.toml's package-dir). A source checkout
+run without installing (`python train.py` in a fresh clone) has no such mapping, so the lines below add the
+checkout's root to this package's search path, `__path__`: `import nanolisa.kernels` then finds kernels/
+beside nanolisa/ just as `import nanolisa.model` finds nanolisa/model.py. Only in a checkout (pyproject.toml
+beside nanolisa/): next to an installed nanolisa, a kernels/ folder is some other package (PyPI has an
+unrelated `kernels`). Moving the code into nanolisa/kernels/ was the alternative; these three lines cost
+less than moving the entry point the documentation names.
 """
-import importlib.util as _importlib_util
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it
+
 import os as _os
-import sys as _sys
 
-
-def _kernels_from_a_source_checkout() -> None:
-    """nanolisa.kernels lives in the top-level kernels/ folder, which installs map to nanolisa.kernels
-    (pyproject.toml's package-dir; an editable install's finder does the same). Where this nanolisa is the
-    folder of a source checkout imported without that mapping -- `python train.py` in a clone that is not
-    installed, or installed without -e -- register the checkout's kernels/ under that name. Never for an
-    installed nanolisa: its kernels are inside it, and a kernels/ beside it may be PyPI's unrelated one."""
-    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-    init = _os.path.join(root, "kernels", "__init__.py")
-    if "nanolisa.kernels" in _sys.modules or not _os.path.isfile(_os.path.join(root, "pyproject.toml")) or \
-            not _os.path.isfile(init) or _importlib_util.find_spec("nanolisa.kernels") is not None:
-        return
-    spec = _importlib_util.spec_from_file_location("nanolisa.kernels", init,
-                                                   submodule_search_locations=[_os.path.dirname(init)])
-    module = _importlib_util.module_from_spec(spec)
-    _sys.modules["nanolisa.kernels"] = module
-    spec.loader.exec_module(module)
-    globals()["kernels"] = module  # as an import of the submodule would bind it
-
-
-_kernels_from_a_source_checkout()
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _root not in __path__:
+    __path__.append(_root)  # the checkout's kernels/ is nanolisa.kernels (see above)
 
 from nanolisa.pretrained import load_model, load_pretrained, save_pretrained  # noqa: E402
 from nanolisa.config import ModelConfig  # noqa: E402
 from nanolisa.errors import UserError  # noqa: E402
 from nanolisa.model import build_model  # noqa: E402
 
-__all__ = ["load_pretrained", "save_pretrained", "load_model", "build_model", "ModelConfig", "UserError"]
+__all__ = ["__version__", "load_pretrained", "save_pretrained", "load_model", "build_model", "ModelConfig", "UserError"]

@@ -24,6 +24,13 @@ What LISA (nanolisa/lisa.py) relies on -- the memory rules:
   * A parameter that re-joins later starts with FRESH state (step 0, m = v = 0), exactly as if a new
     optimizer had been created for the newly sampled layers. This is deliberate: its old moments are
     stale (the other layers moved meanwhile), and keeping them is precisely the memory LISA saves.
+
+Sharded parameters (FSDP2, nanolisa/parallel.py): a parameter, its gradient and its state m, v are DTensors
+holding one shard per rank. The update is elementwise, so each rank runs it on its local shards only
+(nanolisa/parallel.py `local`): no communication, and the temporaries are sized by the shard, not the whole
+tensor. The local shard shares memory with the DTensor, so updating it in place updates the parameter (and
+m, v). Working on the DTensor instead would be wrong as well as slow: a view such as `split` along the
+sharded dimension redistributes it into a replicated temporary, and an update written there is lost.
 """
 from __future__ import annotations
 
@@ -31,6 +38,8 @@ from collections import defaultdict
 from typing import Callable, Iterable
 
 import torch
+
+from nanolisa.parallel import local
 
 
 class AdamW(torch.optim.Optimizer):
@@ -75,7 +84,8 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 b = buckets[(p.device, p.dtype)]
-                for lst, t in zip(b, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                for lst, t in zip(b, (*map(local, tensors), state["step"])):
                     lst.append(t)
 
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
@@ -99,30 +109,43 @@ class AdamW(torch.optim.Optimizer):
         # The denominator needs a temporary as large as the parameters: made TEMP_ELEMENTS at a time, so the
         # step's extra memory stays bounded however large a trainable tensor is (a 128k-vocabulary embedding
         # and head that LISA always trains are 2 x 262 MB at width 512). Elementwise, so slicing changes no bit.
+        # On a GPU each slice is 4 kernel launches, so slices are larger there (TEMP_ELEMENTS_BY_DEVICE).
+        n = temp_elements(params[0].device)
         for params, exp_avgs, exp_avg_sqs, step_size, bc2_sqrt in _slices(params, exp_avgs, exp_avg_sqs,
-                                                                         step_size, bc2_sqrt):
+                                                                         step_size, bc2_sqrt, n):
             denom = torch._foreach_sqrt(exp_avg_sqs)                   # sqrt(v)
             torch._foreach_div_(denom, bc2_sqrt)                       # sqrt(v / (1 - b2^t)) = sqrt(v_hat)
             torch._foreach_add_(denom, eps)                            # sqrt(v_hat) + eps
             torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)  # p <- p - lr/(1-b1^t) * m / denom
 
 
-TEMP_ELEMENTS = 2**22  # at most this many elements (16 MB in fp32) of the step's temporary at a time
+TEMP_ELEMENTS = 2**22  # at most this many elements (16 MB in fp32) of the step's temporary at a time, on CPU
+# By device type. On CPU, 16 MB slices cost nothing measurable (one foreach call per slice is a loop over its
+# tensors) and keep the step's extra memory small. On CUDA every slice is 4 kernel launches, and at 16 MB
+# a 7B full fine-tune would launch ~6,400 of them per step (6.7e9 / 2**22 x 4); 2**27 elements (512 MB of
+# fp32, two slices at most: 1 GB, ~1% of an 80 GB GPU) makes that ~200. The bits are the same at any size.
+TEMP_ELEMENTS_BY_DEVICE = {"cuda": 2**27}
 
 
-def _slices(params, exp_avgs, exp_avg_sqs, step_size, bc2_sqrt):
-    """The lists again, in groups of at most TEMP_ELEMENTS elements; a larger tensor is cut into flat views
-    (views of the same memory: updating them updates the tensor)."""
+def temp_elements(device: torch.device) -> int:
+    """The slice size of AdamW's step temporary on `device` (elements)."""
+    return TEMP_ELEMENTS_BY_DEVICE.get(device.type, TEMP_ELEMENTS)
+
+
+def _slices(params, exp_avgs, exp_avg_sqs, step_size, bc2_sqrt, n: int | None = None):
+    """The lists again, in groups of at most n (default TEMP_ELEMENTS) elements; a larger tensor is cut into
+    flat views (views of the same memory: updating them updates the tensor)."""
+    n = n or TEMP_ELEMENTS
     pieces = []
     for p, m, v, a, c in zip(params, exp_avgs, exp_avg_sqs, step_size, bc2_sqrt):
-        if p.numel() > TEMP_ELEMENTS and all(t.is_contiguous() for t in (p, m, v)):
-            cuts = (t.view(-1).split(TEMP_ELEMENTS) for t in (p, m, v))
+        if p.numel() > n and all(t.is_contiguous() for t in (p, m, v)):
+            cuts = (t.view(-1).split(n) for t in (p, m, v))
             pieces += [(pp, mm, vv, a, c) for pp, mm, vv in zip(*cuts)]
         else:
             pieces.append((p, m, v, a, c))
     group, size = [], 0
     for piece in pieces:
-        if group and size + piece[0].numel() > TEMP_ELEMENTS:
+        if group and size + piece[0].numel() > n:
             yield tuple(map(list, zip(*group)))
             group, size = [], 0
         group.append(piece)

@@ -205,11 +205,32 @@ def default_cache_dir() -> str:
 
 
 def tokenize_dataset(ds: Dataset, tokenizer, seq_len: int, template: str | None = None,
-                     train_on_prompt: bool = False, cache_dir: str | None | bool = None) -> TokenizedData:
+                     train_on_prompt: bool = False, cache_dir: str | None | bool = None,
+                     vocab_size: int | None = None) -> TokenizedData:
     """Tokenize every instance to (input_ids, labels), truncated to seq_len; drop those left with no
     loss-bearing token, counting why. Results are cached on disk (cache_dir, default
     ~/.cache/nanolisa/tokenized; False disables) keyed by the data's content hash, the tokenizer, the
-    template and the settings, so a second run on the same file starts at once."""
+    template and the settings, so a second run on the same file starts at once. With vocab_size (the model's
+    embedding rows), a token id the model cannot embed is one line now, not an IndexError at the batch
+    that draws it."""
+    data = _tokenize_dataset(ds, tokenizer, seq_len, template, train_on_prompt, cache_dir)
+    if vocab_size is not None:
+        check_ids(data, tokenizer, vocab_size)
+    return data
+
+
+def check_ids(data: TokenizedData, tokenizer, vocab_size: int) -> None:
+    """Every token id of the data below vocab_size (a tokenizer can have added tokens past the embedding)."""
+    if not data.examples or max(max(ids) for ids, _ in data.examples) < vocab_size:
+        return
+    i = next(i for i in max((ids for ids, _ in data.examples), key=max) if i >= vocab_size)
+    raise UserError(f"{data.source}: the data has token {tokenizer.id_to_token(i)!r} (id {i}), which the model "
+                    f"cannot embed (its vocabulary has ids 0..{vocab_size - 1}): the tokenizer adds tokens past the "
+                    f"model's embedding; remove them from the tokenizer files or from the data")
+
+
+def _tokenize_dataset(ds: Dataset, tokenizer, seq_len: int, template: str | None, train_on_prompt: bool,
+                      cache_dir: str | None | bool) -> TokenizedData:
     if seq_len < 2:
         raise UserError(f"--seq-len must be at least 2, got {seq_len}")
     if ds.type == "conversation":
@@ -272,6 +293,15 @@ def _load_cache(path: str, seq_len: int, source: str) -> TokenizedData:
 
 
 # ---- batching ------------------------------------------------------------------------------------------
+def rank_share(examples: list, rank: int, world_size: int) -> list:
+    """Rank `rank`'s share of a list of examples for evaluation: every world_size-th one, evened out with
+    empty examples (one token, no loss) so that every rank has as many and runs as many forward passes
+    (FSDP2 needs every rank in each of them)."""
+    mine = examples[rank::world_size]
+    return mine + [([0], [IGNORE_INDEX])] * (-(-len(examples) // world_size) - len(mine))
+
+
+
 class Batches:
     """Shuffled, sharded, resumable batches over a TokenizedData.
 
@@ -284,7 +314,8 @@ class Batches:
       example is dropped, and every rank has the same number of batches.
     * Without packing a batch is as long as its longest example; padding gets label IGNORE_INDEX, position_ids None.
     * With packing, examples are laid end to end into rows of exactly seq_len tokens (an example never
-      straddles two rows); position_ids restart at 0 at each example so the model keeps documents apart.
+      straddles two rows); position_ids restart at 0 at each example so the model keeps documents apart,
+      and no document's first token is a target (nothing before it in its row is of the same document).
     * `iter(batches)` runs forever, epoch after epoch, from the saved position; `epoch(e)` is one pass.
     """
 
@@ -356,7 +387,10 @@ class Batches:
                 for i in row:
                     a, b = ex[i]
                     ids[r, t:t + len(a)] = torch.tensor(a)
-                    labels[r, t:t + len(a)] = torch.tensor(b)
+                    # No label on a document's first token: the token before it is the end of another
+                    # document, which cannot see it (attention stays within a document). So packed rows
+                    # train exactly the targets unpacked rows do (whose first token is never a target).
+                    labels[r, t + 1:t + len(a)] = torch.tensor(b[1:])
                     pos[r, t:t + len(a)] = torch.arange(len(a))  # each document starts at position 0
                     t += len(a)
                 pos[r, t:] = torch.arange(T - t)  # the padding tail is its own (loss-free) document

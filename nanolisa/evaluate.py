@@ -13,22 +13,36 @@ token's logits, and its labels are IGNORE_INDEX. Examples are sorted by length f
 Accuracy. Greedy generation from each prompt, compared with the target after stripping whitespace; prompts
 of equal length are decoded as one batch (no padding, so no mask needed).
 
-Multiple choice. For {question, choices, answer}, each choice's log-likelihood as a continuation of
-"Question: ...\\nAnswer:" is summed (the lm-evaluation-harness recipe); the prediction is the most likely
-choice. `acc_norm` divides by the choice's length in characters first, which removes the bias toward short
-answers.
+Multiple choice, as lm-evaluation-harness's `multiple_choice` tasks score it (lm_eval/api/task.py and
+models/huggingface.py). Each line of the file is a document {question, choices, answer, ...}. Its context is
+the prompt template rendered with the line's fields (lm-eval's `doc_to_text`; default ARC's
+"Question: {{question}}\\nAnswer:"), each choice's continuation is the target delimiter (default " ") plus
+the choice. The continuation's log-likelihood is summed over its tokens: the whole string is encoded once and
+split where the context's own encoding ends (whitespace at the end of the context moves to the
+continuation first), so tokens that merge across the boundary are scored as the model reads them; the
+tokenizer adds its special tokens (BOS) as it does by default. The prediction is the most likely choice:
+`acc`; `acc_norm` divides each log-likelihood by the choice's length in characters first, `acc_bytes` by its
+length in UTF-8 bytes, both of which remove the bias toward short answers.
+
+What a model was trained on. train.py writes training_args.json beside the model: the run's settings and
+the held-out data of its training data's format (demo:conversation:test after --data demo:conversation,
+--eval-data otherwise), paths made absolute. eval.py evaluates on that held-out data by default.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from typing import Iterable, Sequence
 
+import jinja2
+import jinja2.sandbox
 import torch
 from tqdm import tqdm
 
 from nanolisa.errors import UserError
+from nanolisa.files import read_json, write_json
 from nanolisa.generate import greedy_batch
 from nanolisa.loss import IGNORE_INDEX, next_token_nll, shift_labels
 
@@ -125,7 +139,8 @@ def exact_match(model: torch.nn.Module, tokenizer, prompts: Sequence[list[int]],
 
 
 def read_choice_file(path: str) -> list[dict]:
-    """A jsonl of {"question": str, "choices": [str, ...], "answer": index | letter | choice text}."""
+    """A jsonl of {"question": str, "choices": [str, ...], "answer": index | letter | choice text}; other
+    fields are kept (in "fields", with these) for a --choice-prompt that names them."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
@@ -139,11 +154,10 @@ def read_choice_file(path: str) -> list[dict]:
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: not valid JSON ({e.msg}); --metric choice wants one "
                             '{"question", "choices", "answer"} object per line') from None
-        if not isinstance(d, dict) or not isinstance(d.get("question"), str) or \
-                not isinstance(d.get("choices"), list) or len(d["choices"]) < 2 or \
+        if not isinstance(d, dict) or not isinstance(d.get("choices"), list) or len(d["choices"]) < 2 or \
                 not all(isinstance(c, str) for c in d["choices"]) or "answer" not in d:
             raise UserError(f"{where}: need {{\"question\": str, \"choices\": [at least 2 strings], \"answer\": ...}}")
-        items.append(dict(question=d["question"], choices=d["choices"],
+        items.append(dict(question=d.get("question"), choices=d["choices"], fields=d,
                           answer=_answer_index(d["answer"], d["choices"], where)))
     if not items:
         raise UserError(f"{path}: no questions in the file")
@@ -165,44 +179,107 @@ def _answer_index(answer, choices: list[str], where: str) -> int:
     raise UserError(f"{where}: answer {answer!r} is not a choice index, letter or one of the choices")
 
 
-def choice_prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer:"
+DEFAULT_CHOICE_PROMPT = "Question: {{question}}\nAnswer:"  # lm-eval's ARC doc_to_text
+DEFAULT_DELIMITER = " "  # lm-eval's target_delimiter
+
+
+def choice_contexts(items: Sequence[dict], prompt: str, path: str) -> list[str]:
+    """Each document's context: `prompt`, a Jinja template over the document's fields (lm-eval's doc_to_text,
+    rendered as lm-eval renders it: undefined fields are errors, a trailing newline is kept), sandboxed."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    try:
+        template = env.from_string(prompt)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"--choice-prompt does not parse as a Jinja template: {e.message}") from None
+    out = []
+    for n, item in enumerate(items, 1):
+        try:
+            out.append(template.render(**item["fields"]))
+        except jinja2.TemplateError as e:
+            raise UserError(f"{path}: question {n}: --choice-prompt cannot be rendered ({e})") from None
+    return out
 
 
 def continuation_example(tokenizer, context: str, continuation: str) -> Example:
-    """(ids, labels) for context+continuation with loss only on the continuation. Whole string encoded once
-    and split where the context ends, so tokens that merge across the boundary are scored as the model sees
-    them (lm-evaluation-harness does the same)."""
-    bos = [tokenizer.bos_token_id] if tokenizer.adds_bos else []
-    ctx = bos + tokenizer.encode(context, add_special_tokens=False)
-    whole = bos + tokenizer.encode(context + continuation, add_special_tokens=False)
-    if whole[:len(ctx)] != ctx or len(whole) == len(ctx):
-        whole = ctx + tokenizer.encode(continuation, add_special_tokens=False)
-    return whole, [IGNORE_INDEX] * len(ctx) + whole[len(ctx):]
+    """(ids, labels) for context+continuation with loss only on the continuation, as lm-eval's _encode_pair:
+    whitespace ending the context moves to the continuation; context+continuation is encoded once and the
+    continuation is what lies past the length of the context's own encoding (tokens that merge across the
+    boundary are scored as the model reads them). The tokenizer adds its special tokens (BOS) as it does by
+    default; an empty context is the BOS (else EOS) token alone."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if context:
+        ctx = tokenizer.encode(context)
+        cont = tokenizer.encode(context + continuation)[len(ctx):]
+    else:
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ctx, cont = [prefix], tokenizer.encode(continuation)
+    return ctx + cont, [IGNORE_INDEX] * len(ctx) + cont
 
 
 def score_choices(model: torch.nn.Module, tokenizer, items: Sequence[dict], batch_size: int = 8,
-                  progress: bool = False, context: int | None = None) -> dict:
-    """{"acc", "acc_norm", "n"} over the items (see read_choice_file). A question and choice longer than
-    `context` tokens, or a score that is not finite, is a UserError: either would make the answer arbitrary."""
-    examples = [continuation_example(tokenizer, choice_prompt(item["question"]), " " + choice)
-                for item in items for choice in item["choices"]]
+                  progress: bool = False, context: int | None = None, prompt: str = DEFAULT_CHOICE_PROMPT,
+                  delimiter: str = DEFAULT_DELIMITER, path: str = "--data") -> dict:
+    """{"acc", "acc_norm", "acc_bytes", "n"} over the items (see read_choice_file). A question and choice
+    longer than `context` tokens, a choice of no tokens or a score that is not finite is a UserError: each
+    would make the answer arbitrary."""
+    contexts = choice_contexts(items, prompt, path)
+    examples = [continuation_example(tokenizer, ctx, delimiter + choice)
+                for ctx, item in zip(contexts, items) for choice in item["choices"]]
     question = [k for k, item in enumerate(items) for _ in item["choices"]]  # of each example
-    for (ids, _), k in zip(examples, question):
+    for (ids, labels), k in zip(examples, question):
         if context is not None and len(ids) > context:
             raise UserError(f"question {k + 1} with one of its choices is {len(ids)} tokens, longer than the "
                             f"model's context of {context}")
+        if all(y == IGNORE_INDEX for y in labels):
+            raise UserError(f"{path}: question {k + 1}: a choice encodes to no tokens of its own")
     per = example_nlls(model, examples, batch_size, progress)
     if not all(math.isfinite(s) for s, _ in per):
-        raise UserError("a choice's log-likelihood is not finite: the model's logits are not finite numbers "
-                        "(weights with NaN/inf, or fp16 overflow: try --dtype fp32)")
-    acc = acc_norm = 0
+        raise UserError("a choice's log-likelihood is not finite: the model's outputs are not finite (NaN or "
+                        "infinite logits: weights with NaN/inf, or fp16 overflow: try --dtype fp32)")
+    hits = {"acc": 0, "acc_norm": 0, "acc_bytes": 0}
     k = 0
     for item in items:
-        n = len(item["choices"])
+        choices, n = item["choices"], len(item["choices"])
         logp = [-s for s, _ in per[k:k + n]]
         k += n
-        norm = [lp / max(len(c) + 1, 1) for lp, c in zip(logp, item["choices"])]
-        acc += max(range(n), key=lambda i: logp[i]) == item["answer"]
-        acc_norm += max(range(n), key=lambda i: norm[i]) == item["answer"]
-    return {"acc": acc / len(items), "acc_norm": acc_norm / len(items), "n": len(items)}
+        # lm-eval divides by the choice's length without the delimiter; a choice of "" counts as 1
+        scores = {"acc": logp,
+                  "acc_norm": [lp / max(len(c), 1) for lp, c in zip(logp, choices)],
+                  "acc_bytes": [lp / max(len(c.encode("utf-8")), 1) for lp, c in zip(logp, choices)]}
+        for name, score in scores.items():
+            hits[name] += max(range(n), key=lambda i: score[i]) == item["answer"]
+    return {**{name: h / len(items) for name, h in hits.items()}, "n": len(items)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a model was trained on
+
+
+TRAINING_ARGS = "training_args.json"
+
+
+def _absolute(path: str | None) -> str | None:
+    """A path that resolves from any directory; demo names and presets stay names."""
+    return os.path.abspath(path) if path and os.path.exists(path) else path
+
+
+def write_training_args(out_dir: str, settings: dict, held_out: str | None) -> None:
+    """training_args.json in out_dir: the run's settings and its held-out data (None: the run had none), with
+    the paths of the model and the data made absolute, so eval.py finds them from any directory."""
+    record = dict(settings)
+    for key in ("model", "data", "eval_data", "out", "log"):
+        record[key] = _absolute(record.get(key))
+    write_json(os.path.join(out_dir, TRAINING_ARGS), {**record, "held_out_data": _absolute(held_out)})
+
+
+def training_args(model_dir: str) -> dict | None:
+    """The training_args.json train.py wrote beside a model, or None where there is none."""
+    path = os.path.join(model_dir, TRAINING_ARGS)
+    if not os.path.isfile(path):
+        return None
+    record = read_json(path)
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return record

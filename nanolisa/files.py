@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterator
 
@@ -124,3 +125,27 @@ def install_dir(tmp: str, out_dir: str, stale: Callable[[str], bool] = lambda na
     for name in sorted(new, key=lambda n: n == last):
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     os.rmdir(tmp)
+
+
+def remove_in_background(path: str) -> None:
+    """Remove a directory without waiting for it: renamed at once to a `.tmp-` name beside it (so nothing
+    reads it as what it was, and the next run's start-up clears what a killed process left), then deleted by
+    a background thread. Deleting a large checkpoint can take minutes on some file systems; meanwhile the
+    run goes on (no rank waits for rank 0's file system), and `wait_for_removals` ends it."""
+    if not os.path.exists(path):
+        return
+    doomed = new_staging_dir(os.path.dirname(os.path.abspath(path)), ".tmp-removing-")
+    os.rmdir(doomed)
+    os.replace(path, doomed)
+    thread = threading.Thread(target=shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True})
+    thread.start()
+    _removals.append(thread)
+
+
+_removals: list[threading.Thread] = []  # the removals still running
+
+
+def wait_for_removals() -> None:
+    """Wait for every `remove_in_background` of this process: a run that returns has left --out as it is."""
+    while _removals:
+        _removals.pop().join()

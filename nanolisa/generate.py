@@ -17,9 +17,13 @@ greedy output is token-for-token that of `generate(do_sample=False)` and the sam
 
 A `Decoder` keeps its cache between calls: in a chat, each turn's prompt is the whole conversation so far,
 which starts with the tokens already cached, so only the new part (the user's message) is prefilled.
+One exception (model.rope_switch): a longrope model (Phi-3 with a 128k context) rotates every position by
+other factors once the sequence outgrows original_max_position_embeddings, so the cached keys are computed
+again at that point, as transformers' generate does for Phi-3.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -30,6 +34,9 @@ from nanolisa.templates import resolve_template
 from nanolisa.tokenizer import END_OF_TURN_TOKENS
 
 Tensor = torch.Tensor
+MIN_TEMPERATURE = 1e-4  # below it logits / temperature can overflow float32; 0 (greedy) is what it approaches
+NOT_FINITE = ("the model's outputs are not finite (NaN or infinite logits: weights with NaN/inf, or fp16 "
+              "overflow: try --dtype fp32)")
 
 
 @dataclass
@@ -41,8 +48,16 @@ class Sampling:
     repetition_penalty: float = 1.0
 
     def check(self) -> "Sampling":
+        for flag, v in (("--temperature", self.temperature), ("--top-p", self.top_p),
+                        ("--repetition-penalty", self.repetition_penalty)):
+            if not math.isfinite(v):
+                raise UserError(f"{flag} {v}: must be a finite number")
         if self.temperature < 0:
             raise UserError(f"--temperature {self.temperature}: must be >= 0 (0 = greedy)")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            # logits / temperature overflows float32 to inf, and the softmax of inf is NaN
+            raise UserError(f"--temperature {self.temperature}: too small to divide the logits by; use 0 for "
+                            f"greedy decoding (what a temperature near 0 means) or at least {MIN_TEMPERATURE}")
         if self.top_k < 0:
             raise UserError(f"--top-k {self.top_k}: must be >= 0 (0 = no top-k cut)")
         if not 0.0 < self.top_p <= 1.0:
@@ -80,9 +95,17 @@ def top_p_filter(scores: Tensor, p: float) -> Tensor:
     return scores.masked_fill(drop, float("-inf"))
 
 
+def check_finite(logits: Tensor) -> None:
+    """Refuse NaN / inf logits: argmax over NaN is token 0 (a NUL byte in a byte-level vocabulary) and
+    sampling from them fails, so a broken model would otherwise stream garbage or score 0 in silence."""
+    if not bool(torch.isfinite(logits).all()):
+        raise UserError(NOT_FINITE)
+
+
 def next_token(logits: Tensor, seen_ids: Tensor, sampling: Sampling,
                generator: torch.Generator | None = None) -> Tensor:
     """logits (B, V) of the last position, seen_ids (B, S) the sequence so far -> next ids (B,)."""
+    check_finite(logits)
     scores = logits.float()
     if sampling.repetition_penalty != 1.0:
         scores = repetition_penalty(scores, seen_ids, sampling.repetition_penalty)
@@ -131,6 +154,9 @@ class Decoder:
         """Run the part of `ids` not yet cached through the model; return the last position's logits (1, V)."""
         device = self.model.lm_head.weight.device
         reuse = min(common_prefix(self.cached, ids), len(ids) - 1)  # feed at least one token to get logits
+        switch = getattr(self.model, "rope_switch", None)
+        if switch is not None and (len(self.cached) > switch) != (len(ids) > switch):
+            reuse = 0  # longrope rotates every position differently past its switch: recompute all keys
         if self.cache is None or self.cache.max_len < total:
             old = self.cache
             size = min(self.context, max(total, 2 * old.max_len if old is not None else 0))
@@ -172,6 +198,9 @@ class Decoder:
             yield t
             seen = torch.cat([seen, tok[:, None]], dim=1)
             if self.use_cache and step + 1 < max_new_tokens:
+                if getattr(self.model, "rope_switch", None) == len(self.cached):  # growing past it
+                    logits = self._prefill(self.cached + [t], self.cache.max_len)  # as transformers' generate
+                    continue
                 logits = self.model(tok[:, None], kv_cache=self.cache)[:, -1]
                 self.cached.append(t)
 
@@ -204,10 +233,12 @@ def greedy_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_token
     device = model.lm_head.weight.device
     max_new_tokens = min(max_new_tokens, context - T)
     cache = model.new_kv_cache(len(prompts), T + max_new_tokens)
-    logits = model(torch.tensor(prompts, dtype=torch.long, device=device), kv_cache=cache)[:, -1]  # (B, V)
+    seqs = torch.tensor(prompts, dtype=torch.long, device=device)  # (B, T + step)
+    logits = model(seqs, kv_cache=cache)[:, -1]  # (B, V)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for step in range(max_new_tokens):
+        check_finite(logits)
         tok = logits.float().argmax(dim=-1)  # (B,)
         for b, t in enumerate(tok.tolist()):
             if not done[b]:
@@ -216,7 +247,12 @@ def greedy_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_token
                     out[b].append(t)
         if all(done) or step + 1 == max_new_tokens:
             break
-        logits = model(tok[:, None], kv_cache=cache)[:, -1]
+        seqs = torch.cat([seqs, tok[:, None]], dim=1)
+        if getattr(model, "rope_switch", None) == seqs.size(1) - 1:  # longrope switches: recompute every key
+            cache.pos = 0
+            logits = model(seqs, kv_cache=cache)[:, -1]
+        else:
+            logits = model(tok[:, None], kv_cache=cache)[:, -1]
     return out
 
 

@@ -39,9 +39,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from nanolisa.activation_memory import frozen_linear
 from nanolisa.errors import UserError
 from nanolisa.files import install_dir, read_json, staging_dir, write_json
 from nanolisa.model import unwrap
+from nanolisa.parallel import full_tensor
 from nanolisa.pretrained import OutTensor, write_safetensors
 from nanolisa.tokenizer import TOKENIZER_FILES
 
@@ -68,6 +70,13 @@ def clean_name(name: str) -> str:
 # The layer
 
 
+def init_lora_A(a: Tensor) -> Tensor:
+    """LoRA's A, initialised in place as peft (and the LoRA paper) do: like nn.Linear's default weight.
+    Drawn on the CPU, whatever the model's device, so a seed gives the same adapters on every device, and
+    a sharded model (nanolisa/sharded_load.py) can make the very same matrices."""
+    return nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update (LoRA), optionally weight-decomposed (DoRA)."""
 
@@ -84,11 +93,15 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         factory = dict(device=base.weight.device, dtype=dtype or base.weight.dtype)
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)  # weight (r, in)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # weight (out, r)
-        # As peft (and the LoRA paper): A like nn.Linear's default init, B zero so the update starts at 0.
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        # Built on the meta device, then given their values: no default initialisation drawn only to be
+        # overwritten (nor a random number used by one). A is drawn on the CPU whatever the device, so every
+        # device and every way of loading (nanolisa/sharded_load.py) draws the same A; B = 0, so the update
+        # starts at 0.
+        with torch.device("meta"):
+            self.lora_A = nn.Linear(self.in_features, r, bias=False)  # (r, in)
+            self.lora_B = nn.Linear(r, self.out_features, bias=False)  # (out, r)
+        self.lora_A.weight = nn.Parameter(init_lora_A(torch.empty(r, self.in_features)).to(**factory))
+        self.lora_B.weight = nn.Parameter(torch.zeros(self.out_features, r, **factory))
         # DoRA's magnitude starts at the row norms of W (B = 0), so the layer starts as the base layer.
         magnitude = nn.Parameter(self.weight_norm()) if dora else None
         self.register_parameter("lora_magnitude_vector", magnitude)  # (out,)
@@ -111,9 +124,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x (B, T, in) -> (B, T, out)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight, self.bias)  # the frozen path, x W^T + b
-        xd = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        lora = self.lora_B(self.lora_A(xd)) * self.scaling  # (B, T, out)
+        # The frozen path, x W^T + b: under autocast it keeps the fp32 W for backward, not a bf16 copy.
+        y = frozen_linear(x, self.weight, self.bias)  # (B, T, out)
+        xd = self.lora_dropout(x).to(self.lora_A.weight.dtype)  # x itself when lora_dropout is 0 (Identity)
+        # s applied to the (B, T, r) tensor, not to B's (B, T, out) output: one (B, T, out) temporary fewer
+        lora = self.lora_B(self.lora_A(xd) * self.scaling)  # (B, T, out)
         if self.lora_magnitude_vector is None:
             return y + lora.to(y.dtype)
         # DoRA: y = m/||W + sBA|| * (x W^T + s BAx) + b, written (as peft does) as a correction to y.
@@ -267,24 +282,19 @@ def mark_only_lora_trainable(model: nn.Module, modules_to_save=()) -> list[str]:
 # Adapter tensors: for the trainer's checkpoints, and for the PEFT files
 
 
-def gathered(t: Tensor) -> Tensor:
-    """A plain tensor from a possibly sharded one (FSDP2 DTensor)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The trainable part of a LoRA model under checkpoint names: every adapter tensor, plus the
     parameters of modules_to_save. Tensors are detached, not copied."""
     sd = {}
     for name, m in lora_modules(model).items():
-        sd[f"{name}.lora_A.weight"] = gathered(m.lora_A.weight).detach()
-        sd[f"{name}.lora_B.weight"] = gathered(m.lora_B.weight).detach()
+        sd[f"{name}.lora_A.weight"] = full_tensor(m.lora_A.weight).detach()
+        sd[f"{name}.lora_B.weight"] = full_tensor(m.lora_B.weight).detach()
         if m.lora_magnitude_vector is not None:
-            sd[f"{name}.lora_magnitude_vector"] = gathered(m.lora_magnitude_vector).detach()
+            sd[f"{name}.lora_magnitude_vector"] = full_tensor(m.lora_magnitude_vector).detach()
     cfg = getattr(unwrap(model), "lora_config", None)
     for name, m in _modules_to_save(model, cfg.modules_to_save if cfg else ()).items():
         for pname, p in m.named_parameters():
-            sd[f"{name}.{pname}"] = gathered(p).detach()
+            sd[f"{name}.{pname}"] = full_tensor(p).detach()
     return sd
 
 
@@ -354,6 +364,10 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str, w
     Under FSDP2 every rank calls this (the adapter tensors are gathered from their shards); only the
     `writer` writes.
 
+    base_model_name_or_path is recorded as an absolute path when it is a directory, so the adapter finds its
+    base from any working directory (peft's AutoPeftModelForCausalLM, chat.py and eval.py read it); a preset
+    name ("tiny") stays a name (`nanolisa preset tiny --out DIR` writes that base where peft can load it).
+
     Tied embeddings: with the embedding or the head in modules_to_save, nanolisa trains the one weight they
     share, so both change. peft keeps a copy per module of modules_to_save and ties the two copies only when
     its config says ensure_weight_tying, so the adapter names both modules, holds both copies (peft loads
@@ -386,10 +400,12 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str, w
     if not writer:
         return
     is_gpt2 = bool(getattr(getattr(root, "config", None), "is_gpt2", False))
+    base = os.path.abspath(base_model_name_or_path) if os.path.isdir(base_model_name_or_path) else \
+        base_model_name_or_path
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": base,
         "r": one.r,
         "lora_alpha": one.alpha,
         "lora_dropout": one.dropout,

@@ -34,23 +34,17 @@ def count_loss_tokens(labels: Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def per_token_nll(logits: Tensor, targets: Tensor) -> Tensor:
-    """logits (B, T, V), targets (B, T) already shifted -> NLL of each position (B, T), fp32, 0 where the
-    target is IGNORE_INDEX."""
+def head_nll(hidden: Tensor, head: torch.nn.Module, targets: Tensor, softcap: float | None = None) -> Tensor:
+    """The LM head and the loss, the plain way: hidden (B, T, C) -> logits (B, T, V) -> NLL of each
+    position (B, T), fp32, 0 where the target is IGNORE_INDEX. targets (B, T) are already shifted.
+    softcap: logits -> softcap * tanh(logits / softcap) first (Gemma 2's final-logit soft-capping).
+    The model's default `head_loss`; nanolisa.kernels swaps in one that never builds the full logits."""
+    logits = head(hidden)  # (B, T, V)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                           reduction="none")  # (B*T,)
-    return nll.view(targets.shape)
-
-
-def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
-    """logits (B, T, V), labels (B, T) -> NLL of each next token (B, T), fp32, 0 where there is no target."""
-    return per_token_nll(logits, shift_labels(labels))
-
-
-def head_nll(hidden: Tensor, head: torch.nn.Module, targets: Tensor) -> Tensor:
-    """The LM head and the loss, the plain way: hidden (B, T, C) -> logits (B, T, V) -> NLL (B, T).
-    The model's default `head_loss`; nanolisa.kernels swaps in one that never builds the full logits."""
-    return per_token_nll(head(hidden), targets)
+    return nll.view(targets.shape)  # (B, T)
 
 
 def next_token_nll(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
@@ -58,7 +52,7 @@ def next_token_nll(model: torch.nn.Module, input_ids: Tensor, labels: Tensor,
     """Run the model and return the summed next-token NLL of each row, (B,) fp32.
 
     The targets go into the model's forward, which computes the loss from the hidden states with its
-    `head_loss`: with nanolisa.kernels' fused linear + cross-entropy (the trainer's and eval.py's default)
-    the (B, T, V) logits never exist in full. Going through forward (not a side door) keeps the hooks of
-    DDP and FSDP2 wrappers working."""
-    return model(input_ids, position_ids=position_ids, targets=shift_labels(labels)).sum(dim=1)
+    `head_loss` and sums each row: with nanolisa.kernels' fused linear + cross-entropy (the trainer's and
+    eval.py's default) the (B, T, V) logits never exist in full. Going through forward (not a side door)
+    keeps the hooks of DDP and FSDP2 wrappers working."""
+    return model(input_ids, position_ids=position_ids, targets=shift_labels(labels))  # (B,)

@@ -1,252 +1,213 @@
-"""The models: one decoder for the Llama family (Llama 2/3, Mistral, Qwen2) and one for GPT-2.
+"""The models: one decoder for the Llama-style families and one for GPT-2.
 
-Read this file top to bottom: rotary embeddings, attention, the two kinds of block, and the `CausalLM`
-base class that runs the stack. Module names mirror the Hugging Face checkpoints
-(`model.layers.3.self_attn.q_proj`, `transformer.h.3.attn.c_attn`, ...), so loading a checkpoint is a
-key copy (see checkpoint.py) and `model.state_dict()` has the checkpoint's keys.
+Read this file top to bottom: norms, attention, the MLP, the two kinds of block, and the `CausalLM` base
+class that runs the stack. Rotary embeddings live in rope.py, which keys a query sees and the attention
+kernels in attention.py. Module names mirror the Hugging Face checkpoints (`model.layers.3.self_attn.q_proj`,
+`transformer.h.3.attn.c_attn`, ...), so loading a checkpoint is a key copy (see pretrained.py) and
+`model.state_dict()` has the checkpoint's keys.
+
+One decoder block serves every Llama-style family: it reads each choice from the config (config.py sets
+them from model_type and config.json, as the family's transformers modeling file does), never a copy per
+family. What each family turns on, besides Llama's pre-norm RMSNorm, grouped-query attention, RoPE and gated
+MLP:
+
+| model_type  | checkpoints             | what differs from Llama                                               |
+|-------------|-------------------------|-----------------------------------------------------------------------|
+| llama       | Llama 2, 3, 3.1-3.3     | (the reference: attention_bias, mlp_bias, rope scaling from config)   |
+| mistral     | Mistral 7B              | a sliding window on every layer (when sliding_window is set)          |
+| qwen2       | Qwen2, Qwen2.5          | q/k/v bias; windows on layers >= max_window_layers (if enabled)       |
+| qwen3       | Qwen3 (dense)           | q/k RMSNorm per head before RoPE; a head_dim of its own; windows as   |
+|             |                         | qwen2                                                                 |
+| gemma2      | Gemma 2                 | embeddings x sqrt(C); RMSNorm x (1 + w) before and after attention and|
+|             |                         | MLP; q scaled by query_pre_attn_scalar^-1/2; attention- and           |
+|             |                         | final-logit soft-capping; sliding and global layers alternating;      |
+|             |                         | GELU-tanh gated MLP                                                   |
+| gemma3_text | Gemma 3 1B              | as gemma2, with q/k norm per head instead of soft-capping, a global   |
+|             | (Gemma3ForCausalLM)     | layer every sliding_window_pattern layers, and their own RoPE base on |
+|             |                         | sliding layers (rope_local_base_freq)                                 |
+| phi3        | Phi-3, 3.5, 4, 4-mini   | fused qkv_proj and gate_up_proj; partial rotary; longrope; windows    |
+| olmo2       | OLMo 2                  | no norm before attention or MLP: RMSNorm on their outputs instead;    |
+|             |                         | q/k RMSNorm over the whole projection; RoPE computed in fp32          |
+| smollm3     | SmolLM3                 | no RoPE on the layers no_rope_layers marks (every fourth)             |
 
 Shapes: B batch, T query length, S key length (T plus what the KV cache holds), C hidden size,
 nh query heads, nkv key/value heads (grouped-query attention when nkv < nh), hs head size, V vocab.
 
 What the rest of nanolisa relies on:
   model(input_ids, position_ids=None, kv_cache=None) -> logits (B, T, V)
-  model(input_ids, ..., targets=targets) -> the NLL of each position (B, T), from model.head_loss
+  model(input_ids, ..., targets=targets) -> the summed NLL of each row (B,), from model.head_loss
                        (nanolisa/loss.py; kernels/ swap in a head + loss that never builds the full logits)
   model.blocks         the transformer blocks, addressable by index (LISA samples from these)
   model.embed_modules  the input embeddings; model.head_modules: final norm and LM head
-  model.set_attention(fn)  swap the attention kernel, fn(q, k, v, mask: AttentionMask) (kernels/ plugs
-                           flash attention in here)
+  model.set_attention(fn)  swap the attention kernel, fn(q, k, v, mask, scale, softcap) (attention.py;
+                           kernels/ plugs flash attention in here)
 """
 from __future__ import annotations
 
-import math
-from typing import Callable
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nanolisa.activations import ACTIVATIONS
+from nanolisa.attention import (AttentionFn, AttentionMask, KVCache, attention_mask,  # noqa: F401 (re-exported)
+                                document_ids, sdpa_attention)
 from nanolisa.config import ModelConfig
 from nanolisa.loss import head_nll
+from nanolisa.rope import apply_rope, rope_cos_sin, rope_inv_freq  # noqa: F401 (re-exported)
 
 Tensor = torch.Tensor
 
-# ----------------------------------------------------------------------------------------------------------
-# Attention kernel. Everything below calls attention through this one signature, so a faster kernel
-# (kernels/flash_attention.py) can replace it without touching the model.
 
-
-def document_ids(position_ids: Tensor) -> Tensor:
-    """The document index of each token of packed rows (B, T): a new document starts where a position is 0."""
-    return (position_ids == 0).cumsum(dim=1)
-
-
-def attention_mask(position_ids: Tensor, start: int, packed: bool) -> tuple[Tensor | None, bool]:
-    """The dense mask for one forward pass, as (mask, is_causal).
-
-    - Plain training rows: causal, no mask tensor needed (the kernel's fast path).
-    - Packed rows (`packed`): several documents share a row and positions restart at 0 at each one, so a
-      token may only see earlier tokens of its own document: a block-diagonal causal mask.
-    - Decoding with a KV cache from position `start`: query i sits at position start+i and sees keys 0..start+i.
-    """
-    B, T = position_ids.shape
-    if packed:
-        doc = document_ids(position_ids)  # (B, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
-        return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None], False  # (B, 1, T, T)
-    if start == 0:
-        return None, T > 1
-    if T == 1:
-        return None, False  # one new token sees everything cached
-    q_pos = torch.arange(start, start + T, device=position_ids.device)
-    k_pos = torch.arange(start + T, device=position_ids.device)
-    return (k_pos[None, :] <= q_pos[:, None])[None, None], False  # (1, 1, T, S)
-
-
-class AttentionMask:
-    """Which keys each query may see in one forward pass, described rather than spelled out.
-
-    It holds what decides visibility -- the position ids (B, T), the KV-cache offset `start` (query i sits
-    at position start+i) and whether rows are `packed` -- and builds anything derived from them at most once
-    per forward, however many layers ask: the dense (B, 1, T, S) mask that `sdpa_attention` needs
-    (`dense()`), or whatever a kernel derives instead (kernels/flash_attention.py reads document boundaries,
-    so packing costs it no (T, T) mask at all)."""
-
-    def __init__(self, position_ids: Tensor, start: int, packed: bool):
-        self.position_ids, self.start, self.packed = position_ids, start, packed
-        self._built: dict[str, object] = {}
-
-    def cached(self, name: str, build: Callable[[], object]) -> object:
-        """build() the first time `name` is asked for in this forward pass; the same object afterwards."""
-        if name not in self._built:
-            self._built[name] = build()
-        return self._built[name]
-
-    def dense(self) -> tuple[Tensor | None, bool]:
-        """(mask (B or 1, 1, T, S) bool or None, is_causal), as `attention_mask` returns them."""
-        return self.cached("dense", lambda: attention_mask(self.position_ids, self.start, self.packed))
-
-
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
-    """q (B, nh, T, hs), k and v (B, nkv, S, hs) -> (B, nh, T, hs): PyTorch's scaled_dot_product_attention."""
-    dense, is_causal = mask.dense()
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=is_causal,
-                                          enable_gqa=q.size(1) != k.size(1))
-
-
-AttentionFn = Callable[[Tensor, Tensor, Tensor, AttentionMask], Tensor]
-
-
-class KVCache:
-    """A static key/value cache for generation: prefill once, then one token per step (as in gpt-fast)."""
-
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_size: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (n_layers, batch_size, n_kv_heads, max_len, head_size)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.pos = 0  # how many positions are filled; advanced by the model after each forward
-
-    @property
-    def max_len(self) -> int:
-        return self.k.size(3)
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this step's k, v (B, nkv, T, hs) and return all keys/values so far (B, nkv, S, hs)."""
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+def soft_cap(x: Tensor, cap: float | None) -> Tensor:
+    """cap * tanh(x / cap): squashes x smoothly into (-cap, cap) (Gemma 2's logit soft-capping)."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rotary position embeddings (RoFormer, arXiv 2104.09864), with the context-extension variants Llama
-# checkpoints use: "linear" position interpolation (arXiv 2306.15595), "dynamic" NTK scaling, and Llama 3.1's
-# "llama3" frequency-dependent scaling.
-
-
-def rope_inv_freq(cfg: ModelConfig, seq_len: int, device: torch.device | None = None) -> Tensor:
-    """The rotation frequency of each pair of channels, (hs/2,), for sequences up to seq_len."""
-    d = cfg.head_dim
-    theta = cfg.rope_theta
-    s = cfg.rope_scaling or {"rope_type": "default"}
-    kind = s["rope_type"]
-    if kind == "dynamic":  # NTK-aware: grow the base once the sequence outgrows the trained context
-        L = cfg.max_position_embeddings
-        n = max(seq_len, L)
-        theta = theta * ((s["factor"] * n / L) - (s["factor"] - 1)) ** (d / (d - 2))
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
-    if kind == "linear":  # position interpolation: positions / factor, i.e. frequencies / factor
-        inv_freq = inv_freq / s["factor"]
-    elif kind == "llama3":  # keep high frequencies, divide low ones by factor, blend in between
-        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        old_len = s["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - lo) / (hi - lo)
-        blended = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
-        inv_freq = torch.where(medium, blended, scaled)
-    return inv_freq
-
-
-def rope_cos_sin(cfg: ModelConfig, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """cos and sin of every (position, frequency) angle, (B, T, hs), computed in fp32."""
-    inv_freq = rope_inv_freq(cfg, int(position_ids.max()) + 1, position_ids.device)
-    angles = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, T, hs/2)
-    emb = torch.cat((angles, angles), dim=-1)  # (B, T, hs): the two halves of each head rotate together
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, n, T, hs): channel i pairs with channel i + hs/2 (the Hugging Face layout)."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, hs)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The Llama family block: pre-norm RMSNorm, grouped-query attention with RoPE, gated MLP (SwiGLU).
+# The Llama-style block: RMSNorm, grouped-query attention with RoPE, gated MLP, each choice from the config.
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight (Zhang & Sennrich 2019), normalised in fp32 as Llama does."""
+    """x / rms(x) * weight (Zhang & Sennrich 2019), normalised in fp32.
 
-    def __init__(self, dim: int, eps: float):
+    Llama casts the normalised x back to its dtype, then multiplies by the weight. Gemma and OLMo 2 multiply
+    in fp32 first, then cast (`weight_fp32`); Gemma scales by 1 + weight (`offset` 1: its checkpoints store
+    the difference from 1, which starts at 0)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, weight_fp32: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset, self.weight_fp32 = eps, offset, weight_fp32
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if self.weight_fp32:
+            return (x * (self.weight.float() + self.offset)).to(dtype)
+        return (self.weight + self.offset if self.offset else self.weight) * x.to(dtype)
 
 
-class LlamaAttention(nn.Module):
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding(num, dim), left uninitialised when built on the meta device (as every load builds it):
+    init_weights or the checkpoint fills it later, and torch's default initialisation, normal_, on a meta
+    tensor imports torch._dynamo (2 s and 116 MB in every process) for weights that do not exist yet."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
+
+
+def rms_norm(cfg: ModelConfig, dim: int) -> RMSNorm:
+    return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset, cfg.norm_weight_fp32)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE. Phi-3 keeps q, k, v in one qkv_proj (as on disk); Qwen3 and
+    Gemma 3 RMSNorm q and k per head, OLMo 2 over the whole projection, before RoPE."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         C, nh, nkv, hs = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
-        self.q_proj = nn.Linear(C, nh * hs, bias=qkv_bias)
-        self.k_proj = nn.Linear(C, nkv * hs, bias=qkv_bias)
-        self.v_proj = nn.Linear(C, nkv * hs, bias=qkv_bias)
+        if cfg.fused_projections:
+            self.qkv_proj = nn.Linear(C, (nh + 2 * nkv) * hs, bias=qkv_bias)
+        else:
+            self.q_proj = nn.Linear(C, nh * hs, bias=qkv_bias)
+            self.k_proj = nn.Linear(C, nkv * hs, bias=qkv_bias)
+            self.v_proj = nn.Linear(C, nkv * hs, bias=qkv_bias)
         self.o_proj = nn.Linear(nh * hs, C, bias=cfg.attention_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm is not None:
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = rms_norm(cfg, hs if per_head else nh * hs)
+            self.k_norm = rms_norm(cfg, hs if per_head else nkv * hs)
         self.nh, self.nkv, self.hs = nh, nkv, hs
+        self.scale, self.softcap, self.rope_fp32 = cfg.query_scale, cfg.attn_softcap, cfg.rope_fp32
         self.attn_fn: AttentionFn = sdpa_attention
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask, kv_cache: KVCache | None,
-                layer: int) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: AttentionMask,
+                kv_cache: KVCache | None, layer: int) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        nh, nkv, hs = self.nh, self.nkv, self.hs
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, nh*hs), 2 x (B, T, nkv*hs)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(B, T, nh, hs), k.view(B, T, nkv, hs), v.view(B, T, nkv, hs)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), 2 x (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope, self.rope_fp32), apply_rope(k, *rope, self.rope_fp32)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, S, hs)
-        y = self.attn_fn(q, k, v, mask)  # (B, nh, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
+        y = self.attn_fn(q, k, v, mask, self.scale, self.softcap)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hs))
 
 
-class LlamaMLP(nn.Module):
-    """Gated MLP (Shazeer 2020): down(act(gate(x)) * up(x)). With hidden_act silu, as in every Llama,
-    Mistral and Qwen2 release, this is SwiGLU; config.json may name any activation in activations.py."""
+class MLP(nn.Module):
+    """Gated MLP (Shazeer 2020): down(act(gate(x)) * up(x)). With silu (Llama, Mistral, Qwen, Phi, OLMo,
+    SmolLM) this is SwiGLU, with gelu_pytorch_tanh (Gemma) GeGLU; config.json may name any activation in
+    activations.py. Phi-3 keeps gate and up in one gate_up_proj (as on disk), gate first."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         C, H, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = nn.Linear(C, H, bias=bias)
-        self.up_proj = nn.Linear(C, H, bias=bias)
+        if cfg.fused_projections:
+            self.gate_up_proj = nn.Linear(C, 2 * H, bias=bias)
+        else:
+            self.gate_proj = nn.Linear(C, H, bias=bias)
+            self.up_proj = nn.Linear(C, H, bias=bias)
         self.down_proj = nn.Linear(H, C, bias=bias)
         self.act_fn = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act_fn(gate) * up)
 
 
-class LlamaBlock(nn.Module):
+# Where a family's block has its RMSNorms, by role -- (on attention's input, on its output, on the MLP's
+# input, on its output) -- under the names its checkpoints give them. Note that Llama's
+# "post_attention_layernorm" is the MLP's input norm, Gemma's and OLMo 2's the norm of attention's output.
+NORMS = {
+    "pre": ("input_layernorm", None, "post_attention_layernorm", None),  # Llama and most
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),  # Gemma 2, 3
+    "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),  # OLMo 2
+}
+
+
+class DecoderBlock(nn.Module):
+    """x + norm1(attention(norm0(x))), then + norm3(mlp(norm2(x))), the norms a family lacks left out."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = LlamaAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        self.norm_names = NORMS[cfg.norm_placement]
+        for name in self.norm_names:
+            if name is not None:
+                setattr(self, name, rms_norm(cfg, cfg.hidden_size))
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def norm(self, role: int, x: Tensor) -> Tensor:
+        name = self.norm_names[role]
+        return x if name is None else getattr(self, name)(x)
 
     def forward(self, x, rope, mask, kv_cache, layer):  # x (B, T, C) -> (B, T, C)
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.norm(1, self.self_attn(self.norm(0, x), rope, mask, kv_cache, layer))
+        return x + self.norm(3, self.mlp(self.norm(2, x)))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The GPT-2 block: pre-norm LayerNorm, multi-head attention from one fused c_attn projection, GELU MLP
 # (tanh-approximated GELU, "gelu_new", unless config.json's activation_function names another).
 # Hugging Face stores these projections as Conv1D, weight (in, out); here they are nn.Linear, weight
-# (out, in), and checkpoint.py transposes them on the way in and out.
+# (out, in), and pretrained.py transposes them on the way in and out.
 
 class GPT2Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -309,38 +270,42 @@ class CausalLM(nn.Module):
     def final_norm(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def rope(self, position_ids: Tensor) -> tuple[Tensor, Tensor] | None:
-        return None
+    def rope(self, position_ids: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """cos and sin of each RoPE the layers use, by ModelConfig.rope_of's name; none for GPT-2."""
+        return {}
 
-    head_loss = staticmethod(head_nll)  # (hidden (B, T, C), lm_head, targets (B, T)) -> NLL (B, T)
+    head_loss = staticmethod(head_nll)  # (hidden (B, T, C), lm_head, targets (B, T), softcap) -> NLL (B, T)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, kv_cache: KVCache | None = None,
                 targets: Tensor | None = None) -> Tensor:
         """input_ids (B, T) -> logits (B, T, V). Pass position_ids (B, T) for packed rows (positions restart
         at 0 at each document; attention stays within a document), or kv_cache to decode incrementally.
         With targets (B, T), the next token of each position (IGNORE_INDEX where none), it returns the NLL
-        of each position (B, T) instead, from `head_loss`."""
+        of each row (B,) instead: `head_loss`'s per-position NLL (B, T), summed over the positions."""
         hidden = self.hidden_states(input_ids, position_ids, kv_cache)  # (B, T, C)
+        cap = self.config.final_softcap
         if targets is None:
-            return self.lm_head(hidden)  # (B, T, V)
-        return self.head_loss(hidden, self.lm_head, targets).clone()  # (B, T), not a view (FSDP2 hooks it)
+            return soft_cap(self.lm_head(hidden), cap)  # (B, T, V)
+        return self.head_loss(hidden, self.lm_head, targets, softcap=cap).sum(dim=1)  # (B,)
 
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None,
                       kv_cache: KVCache | None = None) -> Tensor:
         """The forward pass up to the final norm: input_ids (B, T) -> hidden states (B, T, C)."""
         B, T = input_ids.shape
+        cfg = self.config
         start = kv_cache.pos if kv_cache is not None else 0
         packed = position_ids is not None
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        mask = AttentionMask(position_ids, start, packed)
-        rope = self.rope(position_ids)
+        mask = AttentionMask(position_ids, start, packed)  # builds what the layers need once, shared
+        ropes = self.rope(position_ids)
         x = self.embed(input_ids, position_ids)  # (B, T, C)
         for i, block in enumerate(self.blocks):
+            rope, layer_mask = ropes.get(cfg.rope_of(i)), mask.with_window(cfg.window(i))
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, mask, None, i, use_reentrant=False)
+                x = checkpoint(block, x, rope, layer_mask, None, i, use_reentrant=False)
             else:
-                x = block(x, rope, mask, kv_cache, i)
+                x = block(x, rope, layer_mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.pos += T
         return self.final_norm(x)  # (B, T, C)
@@ -350,6 +315,14 @@ class CausalLM(nn.Module):
         cfg = self.config
         return KVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim,
                        p.dtype, p.device)
+
+    @property
+    def rope_switch(self) -> int | None:
+        """The sequence length past which every position's rotation changes (longrope switches to its long
+        factors): keys cached for a shorter sequence are stale beyond it, and a decoder must compute them
+        again, as transformers' generate does for Phi-3. None when RoPE never changes that way."""
+        s = self.config.rope_scaling or {}
+        return s.get("original_max_position_embeddings") if s.get("rope_type") == "longrope" else None
 
     def set_attention(self, fn: AttentionFn) -> None:
         for m in self.modules():
@@ -362,14 +335,15 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Fresh random weights, as transformers initialises these models (normal(0, 0.02), zero biases)."""
+        """Fresh random weights, as transformers initialises these models (normal(0, 0.02), zero biases,
+        norms that start as the identity: weight 1, or 0 where the norm scales by 1 + weight)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.weight.normal_(0.0, std)
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
             elif isinstance(m, (RMSNorm, nn.LayerNorm)):
-                m.weight.fill_(1.0)
+                m.weight.fill_(1.0 - getattr(m, "offset", 0.0))
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
         self.tie_weights()
@@ -384,16 +358,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     raise TypeError(f"{type(model).__name__} has no .blocks: not a nanolisa model, and it wraps none")
 
 
-class LlamaForCausalLM(CausalLM):
-    """Llama 2 / Llama 3 / Mistral / Qwen2: the differences are all in the config (biases, rope, ties)."""
+class DecoderForCausalLM(CausalLM):
+    """Every Llama-style family of the table above: the differences are all in the config."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
-            layers=nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_hidden_layers)),
-            norm=RMSNorm(cfg.hidden_size, cfg.norm_eps),
+            embed_tokens=embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=rms_norm(cfg, cfg.hidden_size),
         ))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -411,10 +385,15 @@ class LlamaForCausalLM(CausalLM):
         return [self.model.norm, self.lm_head]
 
     def embed(self, input_ids, position_ids):
-        return self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        if self.config.embed_scale:  # Gemma: times sqrt(C), rounded to the embeddings' dtype as transformers does
+            x = x * torch.tensor(self.config.hidden_size ** 0.5).to(x.dtype).item()
+        return x
 
     def rope(self, position_ids):
-        return rope_cos_sin(self.config, position_ids)
+        cfg = self.config
+        kinds = {cfg.rope_of(i) for i in range(cfg.num_hidden_layers)} - {None}
+        return {kind: rope_cos_sin(cfg, position_ids, local=kind == "local") for kind in sorted(kinds)}
 
     def final_norm(self, x):
         return self.model.norm(x)
@@ -425,8 +404,8 @@ class GPT2LMHeadModel(CausalLM):
         super().__init__()
         self.config = cfg
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
-            wpe=nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size),
+            wte=embedding(cfg.vocab_size, cfg.hidden_size),
+            wpe=embedding(cfg.max_position_embeddings, cfg.hidden_size),
             h=nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.num_hidden_layers)),
             ln_f=nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps),
         ))
@@ -454,4 +433,4 @@ class GPT2LMHeadModel(CausalLM):
 
 def build_model(cfg: ModelConfig) -> CausalLM:
     """An untrained model for cfg (build it under `torch.device("meta")` to allocate nothing)."""
-    return GPT2LMHeadModel(cfg) if cfg.is_gpt2 else LlamaForCausalLM(cfg)
+    return GPT2LMHeadModel(cfg) if cfg.is_gpt2 else DecoderForCausalLM(cfg)

@@ -6,11 +6,11 @@ This module turns the finished single-device model into a data-parallel one; mod
 
   FSDP2 (`--parallel fsdp`, the default): every parameter is split across the ranks (a DTensor shard on
         each). Before a unit runs forward or backward its full weights are all-gathered, afterwards freed;
-        gradients are reduce-scattered, so each rank keeps the gradient and AdamW state of its shard only.
-        The units, in the order torchtitan's parallelize() uses: each transformer block, the embedding,
-        the final norm + LM head, then the root (which picks up whatever is left). LISA freezes and
-        unfreezes whole blocks, so a unit is always wholly frozen or wholly trainable: a frozen block costs
-        no gradient and no optimizer state on any rank.
+        gradients are reduce-scattered, so each rank keeps the gradient and AdamW state of its shard only
+        (nanolisa/adamw.py updates each rank's local shard). The units (see `shard`): each transformer
+        block, the embedding, the final norm + LM head, then the root (which picks up whatever is left).
+        LISA freezes and unfreezes whole blocks, so a unit is always wholly frozen or wholly trainable: a
+        frozen block costs no gradient and no optimizer state on any rank.
   DDP   (`--parallel ddp`): every rank holds the whole model; gradients are all-reduced after backward.
         DDP registers the parameters that require grad when it is built, so under LISA it is rebuilt at
         each switch over the blocks that train now (a rebuild is cheap: no weights move).
@@ -19,25 +19,31 @@ Both average gradients over the ranks, while nanolisa's loss is a *sum* over the
 the global step divided by their global count: each rank's loss is therefore multiplied by world_size
 (see trainer.forward_backward), so N ranks compute exactly the gradient of one rank with N times the batch.
 
-Mixed precision: with `--dtype bf16` on GPUs, FSDP2 keeps fp32 master weights and runs forward/backward
-in bf16 (MixedPrecisionPolicy), reducing gradients in fp32. On CPU (gloo) training stays in fp32 unless
---dtype asks for autocast.
+Mixed precision: with `--dtype bf16` (the default on GPUs), FSDP2 keeps fp32 master weights and runs
+forward/backward in bf16 (MixedPrecisionPolicy), reducing gradients in fp32; the same on CPU (gloo) when
+--dtype bf16 is asked for, which is how the tests run it. DDP and one process use autocast instead.
+
+Waiting: a collective that waits more than COLLECTIVE_TIMEOUT means a rank hung or died. The one long wait
+of a healthy run, the others waiting while rank 0 alone writes the final model, has its own timeout.
 """
 from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from nanolisa.errors import UserError
 from nanolisa.runtime import pick_device
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # a rank that waits longer in a collective: something hung
+WRITE_TIMEOUT = datetime.timedelta(hours=2)  # the ranks waiting while rank 0 alone writes the final model
+
 
 @dataclass(frozen=True)
 class World:
@@ -45,6 +51,9 @@ class World:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # A process group (gloo, on the CPU) used only to wait for rank 0's writing, with WRITE_TIMEOUT: rank 0
+    # writing a 70B model alone takes longer than the training collectives' timeout allows.
+    write_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -73,9 +82,8 @@ def init_world(device: str | None) -> tuple[World, torch.device]:
         dev = torch.device("cuda", world.local_rank)  # one GPU per rank on each node
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
-                            device_id=dev if dev.type == "cuda" else None)
-    return world, dev
+    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=dev if dev.type == "cuda" else None)
+    return replace(world, write_group=dist.new_group(backend="gloo", timeout=WRITE_TIMEOUT)), dev
 
 
 def close_world(clean: bool = True) -> None:
@@ -92,26 +100,69 @@ def close_world(clean: bool = True) -> None:
 
 
 def shard(model: nn.Module, mp_dtype: torch.dtype | None = None) -> nn.Module:
-    """FSDP2, in place, in a fixed order: each block, the embedding, the final norm + head, the root.
+    """FSDP2, in place: each block, the embedding, the final norm + head, then the root.
+
+    The units follow torchtitan's parallelize() -- one per transformer block, then the root -- with two
+    choices of our own: the embedding and the final norm + head are units of their own (LISA always trains
+    them, so their gradients never share a unit with a frozen block), and the head unit stays gathered
+    after forward (`reshard_after_forward=False`): backward needs it at once, so resharding it would only
+    gather it again. With tied embeddings the embedding and the head share one Parameter, which must stay
+    in one unit: they are left to the root. The model may be on the meta device (nanolisa/sharded_load.py
+    shards it before any weight exists); `init_while_trainable` then follows once the weights are in.
 
     Activation checkpointing needs no wrapper: model.py recomputes each block itself when
     model.gradient_checkpointing is set, so no `_checkpoint_wrapped_module.` prefix exists to leak into
-    anything saved. With tied embeddings the embedding and the head share one Parameter, which must stay
-    in one unit: they are left to the root."""
+    anything saved. Mixed precision (`mp_dtype`, e.g. bf16): each unit gathers its weights in mp_dtype for
+    forward and backward, keeps fp32 master weights and reduces gradients in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # (see is_sharded)
     mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else MixedPrecisionPolicy()
     for block in model.blocks:  # 1. one unit per transformer block: LISA's unit of freezing
         fully_shard(block, mp_policy=mp)
     if not model.config.tie_word_embeddings:
         fully_shard(list(model.embed_modules), mp_policy=mp)  # 2. the input embedding(s)
-        fully_shard(list(model.head_modules), mp_policy=mp)  # 3. final norm + LM head: one unit, used together
+        fully_shard(list(model.head_modules), mp_policy=mp, reshard_after_forward=False)  # 3. final norm + head
     fully_shard(model, mp_policy=mp)  # 4. the root: what is left, and the hooks that start each step
     return model
 
 
+@torch.no_grad()
+def init_while_trainable(model: nn.Module) -> None:
+    """Let FSDP2 initialise every unit while all parameters are trainable (call it once the sharded
+    weights are in place, before the first step).
+
+    FSDP2 initialises lazily, at the first forward, and fixes then each unit's gradient dtypes from the
+    parameters that require grad at that moment. LISA has frozen all but a few blocks by then; a block
+    frozen at that moment and activated later would receive bf16 gradients where FSDP2 expects fp32 and
+    fail ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float"). So: one
+    forward pass of one token, with every parameter trainable."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(True)
+    device = next(iter(model.parameters())).device
+    model(torch.zeros(1, 1, dtype=torch.long, device=device))
+    for p, trainable in flags:
+        p.requires_grad_(trainable)
+    reshard(model)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every FSDP2 unit's gathered weights after a forward pass that no backward follows (evaluation,
+    `init_while_trainable`). The head unit stays gathered after forward for its backward; without a
+    backward it would stay gathered -- with the gathered tensors, not the shards, as the module's registered
+    parameters -- into the next optimizer step, which updates the shards: the next forward would use stale
+    weights, and a checkpoint would not find the optimizer's parameters. (A no-op without FSDP2.)"""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded (see is_sharded)
+    for m in model.modules():
+        if fsdp is not None and isinstance(m, fsdp.FSDPModule):
+            m.reshard()
+
+
 def replicate(model: nn.Module, first: bool) -> DistributedDataParallel:
     """DDP over the parameters that require grad now. The first build checks every rank starts from the
-    same weights (rank 0's are broadcast); rebuilds after a LISA switch need no such sync."""
-    return DistributedDataParallel(model, init_sync=first)
+    same weights (rank 0's are broadcast); rebuilds after a LISA switch need no such sync.
+    `gradient_as_bucket_view`: each gradient is a view into DDP's all-reduce buckets rather than a second
+    copy of them, so the trainable gradients are held once, not twice."""
+    return DistributedDataParallel(model, init_sync=first, gradient_as_bucket_view=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,14 +203,33 @@ def broadcast(value, world: World):
     return box[0]
 
 
-def barrier(world: World) -> None:
+def barrier(world: World, after_writing: bool = False) -> None:
+    """Wait for every rank. `after_writing`: the others wait while rank 0 writes files alone, which may
+    take longer than a training collective may (WRITE_TIMEOUT, not COLLECTIVE_TIMEOUT)."""
     if world.distributed:
-        dist.barrier()
+        dist.barrier(group=world.write_group if after_writing else None)
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether t is an FSDP2 shard (a DTensor).
+
+    torch.distributed.tensor and .fsdp take a second or more to import, which every train.py, chat.py and
+    eval.py would pay before its first line of output. So nanolisa imports them only where it shards
+    (`shard`; DCP, nanolisa/resume.py, imports them too), and asks sys.modules here: a DTensor cannot
+    exist before its module is imported."""
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return tensor is not None and isinstance(t, tensor.DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of an FSDP2 DTensor, or the tensor itself (which
+    shares its memory: writing to it in place writes to the parameter)."""
+    return t.to_local() if is_sharded(t) else t
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor from an FSDP2 shard (a collective: every rank must call it), or t itself."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_sharded(t) else t
 
 
 def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:

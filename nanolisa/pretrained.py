@@ -18,23 +18,23 @@ checkpoint behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import torch
-from safetensors import safe_open
-from torch.distributed.tensor import DTensor
 
 from nanolisa.config import CONFIG_DTYPES, ModelConfig, read_config, to_dtype
 from nanolisa.errors import UserError
 from nanolisa.files import install_dir, read_json, staging_dir, write_json
 from nanolisa.model import CausalLM, build_model
-from nanolisa.parallel import full_tensor
+from nanolisa.parallel import full_tensor, is_sharded
 from nanolisa.presets import PRESETS, load_preset
+from nanolisa.runtime import available_memory, gigabytes
 from nanolisa.tokenizer import TOKENIZER_FILES, load_tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2
@@ -46,8 +46,66 @@ SHARD_BYTES = 5 * 2**30  # shard past 5 GiB, as transformers does
 # Reading
 
 
-def _hf_tensors(model_dir: str) -> Iterator[tuple[str, Any]]:
-    """Yield (name, loader) for every tensor in the directory; loader() reads that one tensor."""
+@dataclass
+class Stored:
+    """One tensor of a checkpoint, not read yet: its shape, and how to read it whole or a range along one
+    dimension (safetensors reads just those bytes, so a rank can read only its shard's rows)."""
+    name: str
+    shape: tuple[int, ...]
+    read_range: Callable[[int, int, int], torch.Tensor]  # (dim, start, stop) -> that part of the tensor
+
+    def read(self, dim: int = 0, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The tensor, or its [start:stop] along `dim`."""
+        return self.read_range(dim, start, self.shape[dim] if stop is None else stop) if self.shape else \
+            self.read_range(0, 0, 0)
+
+
+# safetensors' names of the dtypes a checkpoint holds.
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+STORED_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+def safetensors_header(path: str) -> tuple[dict, int]:
+    """(the header of a safetensors file, where its data starts), checked against the file's size: a
+    truncated or damaged file (a full disk, a killed copy) is one UserError naming it.
+    Format: 8-byte little-endian header length, the JSON header, then the tensors' bytes at their offsets."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size:
+                raise UserError(f"{path}: unreadable safetensors file: it is truncated")
+            header = json.loads(f.read(n))
+        end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] or [0])
+    except (OSError, struct.error, ValueError, TypeError, KeyError, AttributeError):
+        raise UserError(f"{path}: unreadable safetensors file: it has no readable header") from None
+    if size != 8 + n + end:
+        raise UserError(f"{path}: unreadable safetensors file: it is {size} bytes, its header says {8 + n + end}; "
+                        f"is it truncated?")
+    return header, 8 + n
+
+
+def _read_rows(path: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...], a: int, b: int) -> torch.Tensor:
+    """Rows [a, b) of the tensor stored row-major at byte `offset` of `path`: only those bytes are read,
+    with plain reads into the tensor's memory (no memory map that would keep the file's pages mapped)."""
+    row = math.prod(shape[1:]) if shape else 1
+    out = torch.empty(((b - a) if shape else 1) * row, dtype=dtype, device="cpu")  # (whatever the default device)
+    buf = memoryview(out.view(torch.uint8).numpy())
+    with open(path, "rb") as f:
+        f.seek(offset + a * row * dtype.itemsize)
+        done = 0
+        while done < len(buf):
+            n = f.readinto(buf[done:])
+            if not n:
+                raise UserError(f"{path}: ends before its tensors do; is it truncated?")
+            done += n
+    return out.view((b - a, *shape[1:]) if shape else ())
+
+
+def checkpoint_tensors(model_dir: str) -> list[Stored]:
+    """Every tensor of a Hugging Face model directory, unread. Each file is checked first (present, header
+    readable, as long as the header says), so that bad files are one clear error before anything is read."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
     binfile = os.path.join(model_dir, "pytorch_model.bin")
@@ -64,28 +122,30 @@ def _hf_tensors(model_dir: str) -> Iterator[tuple[str, Any]]:
             sd = torch.load(binfile, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise UserError(f"{binfile}: unreadable ({str(e).splitlines()[0]})") from None
-        for name, t in sd.items():
-            yield name, (lambda t=t: t)
-        return
+        return [Stored(name, tuple(t.shape), lambda dim, a, b, t=t: t.narrow(dim, a, b - a) if t.dim() else t)
+                for name, t in sd.items()]
     else:
         raise UserError(f"{model_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    out = []
     for fname in files:
         path = os.path.join(model_dir, fname)
         if not os.path.isfile(path):
             raise UserError(f"{path}: shard listed in the index is missing")
-        try:
-            f = safe_open(path, framework="pt")
-            names = list(f.keys())
-        except Exception as e:  # safetensors reports truncation and bad headers as its own errors
-            raise UserError(f"{path}: unreadable safetensors file ({e}); is it truncated?") from None
+        header, data = safetensors_header(path)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = STORED_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise UserError(f"{path}: tensor {name} has dtype {info.get('dtype')}, which nanolisa does not read")
+            shape, offset = tuple(info["shape"]), data + info["data_offsets"][0]
 
-        def read(name: str, f=f, path=path) -> torch.Tensor:
-            try:
-                return f.get_tensor(name)
-            except Exception as e:
-                raise UserError(f"{path}: cannot read tensor {name} ({e}); is the file truncated?") from None
-        for name in names:
-            yield name, (lambda name=name, read=read: read(name))
+            def read_range(dim: int, a: int, b: int, path=path, offset=offset, dtype=dtype, shape=shape):
+                if dim == 0:
+                    return _read_rows(path, offset, dtype, shape, a, b)
+                return _read_rows(path, offset, dtype, shape, 0, shape[0]).narrow(dim, a, b - a)
+            out.append(Stored(name, shape, read_range))
+    return out
 
 
 def _from_hf_name(name: str, cfg: ModelConfig) -> str | None:
@@ -98,41 +158,72 @@ def _from_hf_name(name: str, cfg: ModelConfig) -> str | None:
     return name
 
 
+def check_fits_in_memory(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, path: str,
+                         share: float = 1.0) -> None:
+    """The weights a config.json implies, at the dtype they are loaded in, against the memory the device has
+    free: one line before anything is built (num_hidden_layers 1000000 built for minutes, then crashed).
+    Counted from a 1- and a 2-block model on the meta device, so every family counts its own way. `share`:
+    the fraction of the weights this device holds (1 / world size for FSDP2 shards on GPUs)."""
+    with torch.device("meta"):
+        one, two = (sum(p.numel() for p in build_model(dataclasses.replace(cfg, num_hidden_layers=n)).parameters())
+                    for n in (1, 2))
+    n_params = one + (two - one) * (cfg.num_hidden_layers - 1)
+    need, have = math.ceil(n_params * dtype.itemsize * share), available_memory(device)
+    if need > have:
+        raise UserError(f"{path}/config.json: its model has {n_params / 1e9:.3g}B parameters ({cfg.num_hidden_layers} "
+                        f"layers of width {cfg.hidden_size}), {gigabytes(need)} in "
+                        f"{str(dtype).removeprefix('torch.')}, more than the {gigabytes(have)} of memory free on "
+                        f"{device.type}")
+
+
+def match_checkpoint(path: str, model: CausalLM) -> dict[str, tuple[Stored, bool]]:
+    """{parameter name: (its checkpoint tensor, whether that is stored transposed)} for every parameter of
+    the model that the checkpoint holds: the checkpoint must hold every parameter of the plain model, each
+    in the shape config.json implies, and nothing else (one error line naming what does not match).
+    Parameters the checkpoint does not have (LoRA adapters added to the model) are left out."""
+    cfg = model.config
+    params = dict(model.named_parameters())  # tied head appears once, under the embedding's name
+    plain = {n for n in params if ".lora_" not in n}  # LoRA keeps the base weight under its own name
+    found: dict[str, tuple[Stored, bool]] = {}
+    unexpected: list[str] = []
+    for stored in checkpoint_tensors(path):
+        name = _from_hf_name(stored.name, cfg)
+        if name is None:
+            continue
+        if name not in plain:
+            if not (name == "lm_head.weight" and cfg.tie_word_embeddings):  # tied: the copy is redundant
+                unexpected.append(stored.name)
+            continue
+        conv1d = cfg.is_gpt2 and name.endswith(CONV1D) and len(stored.shape) == 2
+        shape = stored.shape[::-1] if conv1d else stored.shape
+        want = tuple(params[name].shape)
+        if shape != want:
+            raise UserError(f"{path}: tensor {stored.name} has shape {shape}, config.json implies {want}")
+        found[name] = (stored, conv1d)
+    missing = sorted(plain - set(found))
+    if missing or unexpected:
+        what = (f"missing {len(missing)} tensor(s) e.g. {missing[:3]}" if missing else "") + \
+               ("; " if missing and unexpected else "") + \
+               (f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[:3]}" if unexpected else "")
+        raise UserError(f"{path}: weights do not match config.json: {what}")
+    return found
+
+
 def load_model(path: str, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None) -> CausalLM:
     """The model only, from a Hugging Face directory. dtype None keeps the checkpoint's own dtype."""
     cfg = read_config(path)
     dtype = to_dtype(dtype) or CONFIG_DTYPES.get(cfg.dtype, torch.float32)
     device = torch.device(device or "cpu")
+    check_fits_in_memory(cfg, dtype, device, path)
     with torch.device("meta"):
         model = build_model(cfg)
-    params = dict(model.named_parameters())  # tied head appears once, under the embedding's name
-    loaded: set[str] = set()
-    unexpected: list[str] = []
-    for hf_name, read in _hf_tensors(path):
-        name = _from_hf_name(hf_name, cfg)
-        if name is None:
-            continue
-        if name not in params:
-            if not (name == "lm_head.weight" and cfg.tie_word_embeddings):  # tied: the copy is redundant
-                unexpected.append(hf_name)
-            continue
-        t = read()
-        if cfg.is_gpt2 and name.endswith(CONV1D) and t.dim() == 2:
-            t = t.t()
-        p = params[name]
-        if tuple(t.shape) != tuple(p.shape):
-            raise UserError(f"{path}: tensor {hf_name} has shape {tuple(t.shape)}, config.json implies {tuple(p.shape)}")
+    for name, (stored, transposed) in match_checkpoint(path, model).items():
+        t = stored.read()
+        t = t.t() if transposed else t
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
         module._parameters[leaf] = torch.nn.Parameter(t.to(device=device, dtype=dtype).contiguous())
-        loaded.add(name)
-    missing = sorted(set(params) - loaded)
-    if missing or unexpected:
-        what = (f"missing {len(missing)} tensor(s) e.g. {missing[:3]}" if missing else "") + \
-               ("; " if missing and unexpected else "") + \
-               (f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[:3]}" if unexpected else "")
-        raise UserError(f"{path}: weights do not match config.json: {what}")
     model.tie_weights()
     model.config.dtype = str(dtype).removeprefix("torch.")
     model.generation_config = read_generation_config(path)
@@ -162,16 +253,14 @@ def load_pretrained(path: str, dtype: str | torch.dtype | None = None,
         return load_preset(path, dtype=dtype, device=device)
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such model directory (or preset: {', '.join(PRESETS)})")
-    return load_model(path, dtype, device), load_tokenizer(path)
+    tokenizer = load_tokenizer(path)  # first: a bad tokenizer file is one line before gigabytes are read
+    model = load_model(path, dtype, device)
+    tokenizer.check_fits(model.config.vocab_size)
+    return model, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Writing
-
-
-# safetensors' names of the dtypes a checkpoint holds.
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 @dataclass
@@ -203,7 +292,7 @@ def hf_tensors(model: CausalLM, dtype: torch.dtype | None = None) -> list[OutTen
         def read(t=t, conv1d=conv1d, out_dtype=out_dtype) -> torch.Tensor:
             full = full_tensor(t.detach())
             return (full.t() if conv1d else full).to(device="cpu", dtype=out_dtype).contiguous()
-        out.append(OutTensor(name, shape, out_dtype, read, isinstance(t, DTensor)))
+        out.append(OutTensor(name, shape, out_dtype, read, is_sharded(t)))
     return out
 
 

@@ -6,6 +6,7 @@ few percent, so logs are not filled with carriage returns.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -44,27 +45,29 @@ class Progress:
 class MetricsLog:
     """metrics.jsonl: one JSON object per line ({"step", "loss", "lr", ...} or {"step", "eval_loss"}).
 
-    A resumed run keeps the rows up to its checkpoint's step and redoes the rest."""
+    Always valid JSON: a number that is not finite is written as null (Python's json would write NaN, which
+    no JSON reader takes). A resumed run starts from the rows its checkpoint holds (nanolisa/resume.py),
+    then writes the rest."""
 
-    def __init__(self, path: str, resume_step: int | None = None):
+    def __init__(self, path: str, rows: list[dict] | None = None):
         self.path = path
-        self.rows = self._read(path, resume_step) if resume_step is not None else []
+        self.rows = list(rows or [])
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.file = open(path, "w")
         for row in self.rows:
-            self.file.write(json.dumps(row) + "\n")
-
-    @staticmethod
-    def _read(path: str, upto: int) -> list[dict]:
-        if not os.path.isfile(path):
-            return []
-        rows = [json.loads(line) for line in open(path) if line.strip()]
-        return [r for r in rows if r["step"] <= upto]
+            self.file.write(to_json(row) + "\n")
+        self.file.flush()
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(to_json(row) + "\n")
         self.file.flush()
 
     def close(self) -> None:
         self.file.close()
+
+
+def to_json(row: dict) -> str:
+    """One metrics row as strict JSON: inf and NaN become null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False)

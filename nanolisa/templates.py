@@ -53,7 +53,10 @@ assistant spans exactly, for any template, without parsing it:
   4. an assistant tool call has no content to stand in for (the template writes it from the structured
      call), so its span is found by rendering the conversation up to it with the generation prompt and up
      to and including it: the call is what lies between, up to its end-of-turn marker. Tool results are
-     prompt, never target;
+     prompt, never target. A template that rewrites assistant contents (Qwen3 takes the <think> reasoning
+     out of each reply and keeps it only after the last user turn) fails step 2; then every assistant span
+     is found that way: what the template writes after the conversation so far plus the generation prompt,
+     up to the end-of-turn marker -- what the model generates at that point, reasoning included;
   5. tokenize the whole string once with character offsets and give a label to every token that overlaps
      an assistant span (as transformers does for `{% generation %}` masks). Labels are aligned with
      input_ids (Hugging Face convention: the loss shifts them by one).
@@ -294,6 +297,23 @@ TOOL_PRESETS = ("chatml", "yi", "qwen2", "qwen2_5", "llama3")
 PRESET_END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "yi": "<|im_end|>", "qwen2": "<|im_end|>",
                       "qwen2_5": "<|im_end|>", "phi3": "<|end|>", "gemma": "<end_of_turn>", "yi1_5": "<|im_end|>",
                       "internlm2": "<|im_end|>"}
+
+
+
+def unknown_markers_note(tokenizer, template: str | None) -> str | None:
+    """A one-line note when a preset whose turns end with a special token (PRESET_END_OF_TURN: llama3's
+    <|eot_id|>, ChatML's <|im_end|>, ...) writes markers the tokenizer has no token for: they are then
+    encoded, and trained on, as plain text, and a reply does not stop at the end of its turn. None if fine."""
+    if template not in PRESET_END_OF_TURN:
+        return None
+    marks = dict.fromkeys(re.findall(r"<\|[A-Za-z0-9_]+\|>|<(?:start|end)_of_turn>", PRESETS[template]))
+    missing = [m for m in marks if tokenizer.token_to_id(m) is None]
+    if not missing:
+        return None
+    return (f"the {template} template writes {', '.join(missing)}, which this tokenizer has no tokens for: "
+            f"they are encoded as plain text, several tokens each (use a tokenizer of the {template} family, "
+            f"or a template this tokenizer knows)")
+
 
 # LMFlow template names nanolisa does not have, with what to use instead.
 _LMFLOW_ALTERNATIVES = {"qwen2_for_tool": "qwen2", "llama3_for_tool": "llama3"}
@@ -586,9 +606,8 @@ def assistant_spans(messages: list[dict], tokenizer, template: str | None = None
                         json.dumps(content, ensure_ascii=False)[1:-1]):
             if text.startswith(variant + seg, pos):
                 break
-        else:
-            raise UserError(f"chat template {name!r} rewrites message {i}'s content; nanolisa cannot "
-                            "find the assistant text to train on (use a preset with --template)")
+        else:  # the template rewrites this content (Qwen3 moves <think> reasoning out of it, or drops it)
+            return text, _spans_after_prompts(source, messages, text, tokenizer, tools, name, markers, i)
         start, end = pos, pos + len(variant)
         if messages[i]["role"] == "assistant":
             # the reply's target ends after the first end-of-turn marker the template writes after it
@@ -604,6 +623,37 @@ def assistant_spans(messages: list[dict], tokenizer, template: str | None = None
         if m.get("role") == "assistant" and m.get("tool_calls"):
             spans.append(_tool_call_span(source, messages, k, text, tokenizer, tools, name, markers))
     return text, sorted(spans)
+
+
+def _spans_after_prompts(source: str, messages: list[dict], text: str, tokenizer, tools, name: str,
+                         markers: list[str], rewritten: int) -> list[tuple[int, int]]:
+    """Assistant spans for a template that rewrites message contents (step 2 failed for message `rewritten`):
+    an assistant turn is what the template writes after its generation prompt -- the conversation up to it,
+    rendered with add_generation_prompt -- up to its end-of-turn marker, which is exactly what the model is
+    asked to generate. For Qwen3 that is "<think>...</think>\n\nanswer<|im_end|>" in the turns that keep
+    their reasoning and "answer<|im_end|>" in the earlier ones, whose reasoning its template drops."""
+    for i, m in enumerate(messages):  # nothing but assistant text may be rewritten or left out
+        content = m.get("content")
+        if m.get("role") != "assistant" and isinstance(content, str) and content.strip() not in text:
+            raise UserError(f"chat template {name!r} rewrites message {i}'s content; nanolisa cannot align "
+                            "the conversation to find the assistant text (use a preset with --template)")
+    spans = []
+    for k, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        if m.get("tool_calls"):
+            spans.append(_tool_call_span(source, messages, k, text, tokenizer, tools, name, markers))
+            continue
+        before = _render(source, messages[:k], tokenizer, True, tools)
+        if not text.startswith(before):
+            raise UserError(f"chat template {name!r} rewrites message {rewritten}'s content and writes the "
+                            f"conversation differently when it ends at message {k}; nanolisa cannot find the "
+                            "assistant text to train on (use a preset with --template)")
+        at = _first_marker(text[len(before):], markers)
+        end = len(text) if at < 0 else len(before) + at
+        if end > len(before):
+            spans.append((len(before), end))
+    return sorted(spans)
 
 
 def labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:

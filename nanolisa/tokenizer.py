@@ -209,6 +209,19 @@ class Tokenizer:
             (again.bos_token, again.eos_token, again.pad_token, again.unk_token) == \
             (self.bos_token, self.eos_token, self.pad_token, self.unk_token)
 
+    def check_fits(self, vocab_size: int, names: tuple[str, ...] = ("bos_token", "eos_token", "unk_token")) -> None:
+        """These special tokens must have a row in the model's embedding (vocab_size rows): a
+        tokenizer_config.json that names a token missing from the vocabulary gets it added past the end, where
+        the model has nothing to embed it with, and the first batch that uses it ends in an IndexError. (The
+        pad token matters only to training, which pads with it: the trainer checks it.)"""
+        for name in names:
+            token = getattr(self, name)
+            i = self.token_to_id(token)
+            if i is not None and i >= vocab_size:
+                where = os.path.join(self.source_dir, "tokenizer_config.json") if self.source_dir else "the tokenizer"
+                raise UserError(f"{where}: {name} {token!r} is not in the model's vocabulary (it would be id {i}; the "
+                                f"model embeds ids 0..{vocab_size - 1}); name a token the vocabulary has")
+
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
                 f"pad={self.pad_token!r}, chat_template={'yes' if self.chat_template else 'no'})")
@@ -301,8 +314,15 @@ def load_tokenizer(path: str) -> Tokenizer:
             (backend.add_special_tokens if t.get("special") else backend.add_tokens)([at])
 
     def special(name: str) -> str | None:
-        tok = _token_str(config.get(name))
-        return tok if tok is not None else _token_str(smap.get(name))
+        for file, source in (("tokenizer_config.json", config), ("special_tokens_map.json", smap)):
+            value = source.get(name)
+            tok = _token_str(value)
+            if value is not None and not isinstance(tok, str):
+                raise UserError(f"{os.path.join(path, file)}: {name} must be a token string or "
+                                f"{{\"content\": \"...\"}}, got {json.dumps(value)[:80]}")
+            if tok is not None:
+                return tok
+        return None
 
     bos, eos, pad, unk = special("bos_token"), special("eos_token"), special("pad_token"), special("unk_token")
     if sp_path is not None:  # LlamaTokenizer's defaults

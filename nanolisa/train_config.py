@@ -14,23 +14,28 @@ from dataclasses import dataclass, field
 
 from nanolisa.config import DTYPES, read_config
 from nanolisa.errors import UserError
-from nanolisa.presets import RECIPES
-from nanolisa.runtime import pick_device
+from nanolisa.lisa import SAMPLING
+from nanolisa.presets import PRESETS, RECIPES
+from nanolisa.runtime import check_threads, pick_device
 
 METHODS = ("lisa", "lora", "full")
 SCHEDULES = ("cosine", "linear", "constant")
 # Settings that may change when a run is resumed; any other difference means it is not the same run.
 RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "eval_every", "log", "out", "plot", "device", "threads",
-                     "quiet", "save_dtype", "kernels"}
+                     "quiet", "save_dtype", "kernels", "checkpoint_frozen", "compile"}
 PARALLEL = ("fsdp", "ddp")
 # Settings only one method reads: giving one to another method is a mistake, not a harmless no-op.
 METHOD_ONLY = {
-    "lisa": ("lisa_layers", "interval", "freeze_embeddings", "freeze_head"),
+    "lisa": ("lisa_layers", "interval", "freeze_embeddings", "freeze_head", "lisa_sampling", "lisa_probs",
+             "checkpoint_frozen"),
     "lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_modules_to_save", "rslora", "dora",
              "merge"),
 }
 FLOAT_FLAGS = ("lr", "min_lr", "clip", "weight_decay", "epochs", "lora_alpha", "lora_dropout")
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes 0 .. 2**64 - 1; numpy, which shuffles the data, refuses < 0
+# AdamW's first step moves a weight by up to lr / (1 - beta1) = 10 lr (beta1 = 0.9), a float32 number: a larger
+# --lr is not one at all (--lr 1e300 ended in a traceback inside the optimizer).
+MAX_LR = 3.4028234663852886e38 * (1 - 0.9)  # torch.finfo(torch.float32).max * (1 - beta1)
 
 
 @dataclass
@@ -43,9 +48,11 @@ class TrainConfig:
     save_dtype: str | None = None  # None: the base checkpoint's dtype (LoRA adapters: fp32, as trained)
     method: str = "lisa"
     lisa_layers: int = 1
-    interval: int = 20
+    interval: int | None = None  # None: 20, or a preset's recipe
     freeze_embeddings: bool = False
     freeze_head: bool = False
+    lisa_sampling: str = "uniform"
+    lisa_probs: list[float] | None = None  # --lisa-sampling weighted: one per block
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -70,6 +77,8 @@ class TrainConfig:
     clip: float = 1.0
     dtype: str | None = None
     grad_checkpointing: bool = False
+    checkpoint_frozen: bool = False  # recompute only blocks with nothing to train (activation_memory.py)
+    compile: bool = False  # torch.compile each block (kernels/compile.py)
     seed: int = 0
     eval_every: int = -1  # -1: ten evaluations over the run
     save_every: int = -1  # -1: ten checkpoints over the run
@@ -89,7 +98,10 @@ class TrainConfig:
         recipe = {} if os.path.isdir(self.model) else dict(RECIPES.get(self.model, {}))
         if self.epochs is not None:
             recipe.pop("steps", None)  # --epochs says how long to run, not the recipe's step count
-        usual = {"lr": 2e-4 if self.method == "lora" else 5e-5, "warmup": 0, "batch_size": 4, "steps": None}
+        if self.method != "lisa":
+            recipe.pop("interval", None)  # only LISA reads it
+        usual = {"lr": 2e-4 if self.method == "lora" else 5e-5, "warmup": 0, "batch_size": 4, "steps": None,
+                 "interval": 20 if self.method == "lisa" else None}
         filled = {k: recipe.get(k, v) for k, v in usual.items() if getattr(self, k) is None}
         return dataclasses.replace(self, **filled)
 
@@ -110,8 +122,14 @@ class TrainConfig:
                 raise UserError(f"{flag(name)} must be a finite number, got {v}")
         if self.lisa_layers < 0:
             raise UserError(f"--lisa-layers must be >= 0, got {self.lisa_layers}")
-        if self.interval < 1:
+        if self.interval is not None and self.interval < 1:
             raise UserError(f"--interval must be >= 1, got {self.interval}")
+        if self.lisa_sampling not in SAMPLING:
+            raise UserError(f"unknown --lisa-sampling {self.lisa_sampling!r}: choose one of {', '.join(SAMPLING)}")
+        if self.lisa_probs is not None and self.lisa_sampling != "weighted":
+            raise UserError(f"--lisa-probs is for --lisa-sampling weighted, not {self.lisa_sampling}")
+        if self.lisa_probs is None and self.lisa_sampling == "weighted":
+            raise UserError("--lisa-sampling weighted needs --lisa-probs: one weight per transformer block")
         if self.parallel is not None and self.parallel not in PARALLEL:
             raise UserError(f"unknown --parallel {self.parallel!r}: choose one of {', '.join(PARALLEL)}")
         if self.method == "lisa" and self.lisa_layers == 0 and self.freeze_embeddings and self.freeze_head:
@@ -133,6 +151,9 @@ class TrainConfig:
             raise UserError(f"--epochs must be > 0, got {self.epochs}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.lr > MAX_LR:
+            raise UserError(f"--lr {self.lr:g} is too large: AdamW's step lr / (1 - beta1) must be a float32 "
+                            f"number, so --lr <= {MAX_LR:.3g}")
         if self.schedule == "constant" and self.min_lr != 0:
             raise UserError("--min-lr does nothing with --schedule constant: drop it, or choose cosine or linear")
         for name in ("warmup", "weight_decay", "clip"):
@@ -152,14 +173,33 @@ class TrainConfig:
                                 f"got {getattr(self, name)}")
         if self.eval_every > 0 and self.held_out_data() is None:
             raise UserError(f"--eval-every {self.eval_every} needs held-out data: pass --eval-data FILE")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {self.threads}")
+        if self.threads is not None:
+            check_threads(self.threads)
         pick_device(self.device)  # a bad or unavailable --device is one line now, not after --out is written
         if os.path.isdir(self.model):  # a bad config.json too, and the flags that must fit the model
             model = read_config(self.model)
             if model.is_gpt2 and self.seq_len > model.max_position_embeddings:
                 raise UserError(f"--seq-len {self.seq_len} is longer than this GPT-2's context "
                                 f"(n_positions {model.max_position_embeddings})")
+
+    def context(self) -> int:
+        """The model's context: max_position_embeddings of its config.json, or of the preset."""
+        if os.path.isdir(self.model):
+            return read_config(self.model).max_position_embeddings
+        return PRESETS[self.model]["max_position_embeddings"] if self.model in PRESETS else 0
+
+    def notes(self) -> list[str]:
+        """What the user is told once before the run starts (as `note: ...`): settings that are allowed but
+        may not do what they seem to."""
+        notes = []
+        if self.model in PRESETS and os.path.isdir(self.model):
+            notes.append(f"--model {self.model} is the directory {os.path.abspath(self.model)}, not the built-in "
+                         f"preset of that name (run from another directory to use the preset)")
+        if self.seq_len > self.context() > 0:
+            notes.append(f"--seq-len {self.seq_len} is longer than the model's context (max_position_embeddings "
+                         f"{self.context()}): longer rows train positions the base model never saw (rotary "
+                         f"positions extend to them)")
+        return notes
 
     def _check_method_flags(self) -> None:
         """A setting that only another method reads does nothing in this run: refuse it rather than ignore

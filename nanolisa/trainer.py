@@ -8,16 +8,28 @@ One optimizer step, in order (the loop in `run` has one comment per stage):
   3. Forward and backward over `grad_accum` micro-batches. The loss is the mean over every loss-bearing
      token of the whole step on every rank (the token count is all-reduced; not a mean of per-batch or
      per-rank means), so accumulation and more ranks equal one big batch.
-  4. Stop on a non-finite loss, before it reaches the weights.
+  4. Bring the step's loss, gradient norm and SIGTERM flag to the host in one sync; stop on a non-finite
+     loss, before it reaches the weights.
   5. Clip the global gradient norm, AdamW step (nanolisa/adamw.py), drop the gradients.
   6. Log; now and then evaluate on held-out data and write a resume checkpoint (nanolisa/resume.py).
 The finished run writes a Hugging Face model directory (or a PEFT adapter) to --out.
 
+Host syncs (the host waiting for the GPU) on the hot path, and why each that is left stays:
+  * once per step, `step_numbers`: the loss decides whether the update may happen, and is printed;
+  * once per micro-batch, in the fused loss (kernels/linear_cross_entropy.py): `nonzero` finds the
+    loss-bearing tokens, a count only the data knows, so that prompt and padding tokens skip the head's
+    matmuls; and its backward checks that every token's loss has the same weight, which tells it the
+    gradients it computed in forward can simply be scaled. Both come at the head, when the host has
+    nothing else to queue until that answer is in.
+Batches are copied to the GPU from pinned memory without waiting, token counts are taken from the labels
+while they are still on the host, AdamW's step counters live on the host (as torch's do), and the
+non-finite check of the weights runs only before a checkpoint is written.
+
 Several processes (`torchrun`): the same loop runs on every rank, each on its slice of every global batch
 (nanolisa/data.py), with the model sharded by FSDP2 or replicated by DDP (nanolisa/parallel.py). Rank 0
 alone prints progress and writes metrics, the plot and the final model; checkpoints are written by all
-ranks together. SIGTERM (how schedulers pre-empt a job) finishes the current step on every rank, writes a
-checkpoint and exits, so --resume continues bit-exactly.
+ranks together. SIGTERM (how schedulers pre-empt a job) and Ctrl-C finish the current step on every rank,
+write a checkpoint and exit, so --resume continues bit-exactly (nanolisa/signals.py: how a run stops).
 """
 from __future__ import annotations
 
@@ -25,42 +37,43 @@ import dataclasses
 import math
 import os
 import random
-import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from signal import SIGTERM
 
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 
+from nanolisa.activation_memory import lean
 from nanolisa.adamw import AdamW
 from nanolisa.config import DTYPES, to_dtype
-from nanolisa.data import Batches, read_dataset, tokenize_dataset
+from nanolisa.data import Batches, rank_share, read_dataset, tokenize_dataset
 from nanolisa.errors import UserError
-from nanolisa.evaluate import nll
-from nanolisa.files import write_failure
+from nanolisa.evaluate import nll, write_training_args
+from nanolisa.files import wait_for_removals, write_failure
 from nanolisa.kernels import use_kernels
+from nanolisa.kernels.compile import compile_blocks
 from nanolisa.lisa import LISA
-from nanolisa.lora import apply_lora, load_adapter, mark_only_lora_trainable, merge_lora, save_adapter
+from nanolisa.lora import apply_lora, mark_only_lora_trainable, merge_lora, save_adapter
 from nanolisa.loss import count_loss_tokens, next_token_nll
-from nanolisa.parallel import (World, all_sum, barrier, broadcast, check_same_on_all_ranks, close_world, grad_norm,
-                               init_world, launched_world, replicate, shard)
+from nanolisa.parallel import (World, all_sum, barrier, broadcast, check_same_on_all_ranks, close_world, gather,
+                               grad_norm, init_world, launched_world, replicate, reshard)
 from nanolisa.plot import plot_run
 from nanolisa.presets import PRESETS
 from nanolisa.pretrained import load_pretrained, save_pretrained, stored_dtype
 from nanolisa.progress import MetricsLog, Progress
-from nanolisa.resume import (CHECKPOINTS, find_resume_checkpoint, load_checkpoint, remove_checkpoints,
-                             save_checkpoint)
+from nanolisa.resume import CHECKPOINTS, remove_checkpoints, resume, resume_candidates, save_checkpoint
 from nanolisa.run_dir import RunDir
 from nanolisa.runtime import autocast, default_dtype, set_threads
-from nanolisa.templates import resolve_template
+from nanolisa.sharded_load import load_sharded
+from nanolisa.signals import (Preempted, StopSignals, is_lost_rank, launched_by_torchrun, lost_rank,  # noqa: F401
+                              watch_launcher, whereabouts)
+from nanolisa.templates import resolve_template, unknown_markers_note
 from nanolisa.train_config import TrainConfig
-
-
-class Preempted(Exception):
-    """SIGTERM stopped the run after a checkpoint; --resume continues it."""
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -74,22 +87,37 @@ def train(cfg: TrainConfig) -> dict:
             raise UserError("--dtype fp16 is not supported with --parallel fsdp (no loss scaling there); "
                             "use --dtype bf16")
     elif cfg.parallel:
-        print(f"note: --parallel {cfg.parallel} does nothing in a single process; start with torchrun",
-              file=sys.stderr)
+        raise UserError(f"--parallel {cfg.parallel} needs several processes: start train.py with torchrun "
+                        f"--nproc_per_node N (N > 1), or drop --parallel")
     check_inputs_exist(cfg)  # on every rank, before any rank waits for another
+    if not cfg.quiet and world.is_main:
+        for note in cfg.notes():
+            print(f"note: {note}", file=sys.stderr)
     run_dir = RunDir(cfg) if world.is_main else None
-    finished = False
+    finished, stop, ranks = False, None, []
     try:
-        if run_dir:
-            run_dir.open()  # --out checked, created and locked before any model or data is loaded
+        stop = StopSignals(launched_by_torchrun())  # SIGTERM (held back by train.py until now) and Ctrl-C
+        watch_launcher(world.rank)
         world, device = init_world(cfg.device)
-        final = run(cfg, world, device)
+        ranks = gather(whereabouts(), world)  # so that a rank that dies can be named
+        if open_run_dir(run_dir, world):
+            finished = True  # --resume on a finished run (a requeued job): nothing to do
+            return {}
+        final = run(cfg, world, device, stop)
         finished = True
         return final
+    except BaseException as e:  # a gloo/NCCL error (perhaps in DCP's CheckpointException, a BaseException)
+        if world.distributed and ranks and not isinstance(e, (UserError, KeyboardInterrupt, SystemExit)) and \
+                is_lost_rank(e):  # another rank is gone
+            raise lost_rank(world.rank, ranks) from None
+        raise
     finally:
+        if stop:
+            stop.restore()
         if run_dir:
             run_dir.close(finished)
-        close_world(clean=finished)
+        close_world(clean=finished)  # (no rank waits for rank 0's removals below)
+        wait_for_removals()  # the checkpoints a finished run removes are gone when it returns
 
 
 def check_inputs_exist(cfg: TrainConfig) -> None:
@@ -99,6 +127,22 @@ def check_inputs_exist(cfg: TrainConfig) -> None:
     for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         if path is not None and not path.startswith("demo") and not os.path.exists(path):
             raise UserError(f"{flag} {path}: no such file or directory")
+
+
+def open_run_dir(run_dir: RunDir | None, world: World) -> bool:
+    """Rank 0 checks, creates and locks --out and --log before any model or data is loaded; when it refuses
+    them, every rank says so in the same one line (they wait for rank 0 here, not in a rendezvous that
+    would never end). Returns whether --resume found the run finished already."""
+    problem = None
+    if run_dir:
+        try:
+            run_dir.open()
+        except UserError as e:
+            problem = str(e)
+    problem, done = broadcast((problem, run_dir.finished_already if run_dir else None), world)
+    if problem:
+        raise UserError(problem)
+    return bool(done)
 
 
 @dataclass
@@ -119,51 +163,85 @@ class Run:
     ddp: torch.nn.Module | None = None  # the DDP wrapper under --parallel ddp
 
 
-def run(cfg: TrainConfig, world: World, device: torch.device) -> dict:
-    """Set up, then train from the start or from the checkpoint --resume picks."""
+def run(cfg: TrainConfig, world: World, device: torch.device, stop: StopSignals) -> dict:
+    """Set up, then train from the start or from the newest intact checkpoint (--resume)."""
     set_threads(cfg.threads)
-    resume_from = broadcast(find_resume_checkpoint(cfg, world) if world.is_main else None, world)
+    say_what_runs(cfg, world, device)
+    candidates = resume_candidates(cfg, world)  # refuses other settings before the model is loaded
     r = setup(cfg, world, device)
-    start = load_checkpoint(resume_from, r.model, r.optimizer, r.lisa, r.batches, world) if resume_from else 0
-    return loop(r, start, resume_from)
+    check_step_fits(r)
+    resume_from, start, rows = resume(r, candidates) if candidates else (None, 0, [])
+    return loop(r, start, resume_from, rows, stop)
+
+
+def check_step_fits(r: Run) -> None:
+    """One optimizer step holds its --grad-accum micro-batches at once (their token count scales the loss):
+    more than an epoch has would only repeat the data inside one step, at any memory cost."""
+    if r.cfg.grad_accum > len(r.batches):
+        raise UserError(f"--grad-accum {r.cfg.grad_accum}: one optimizer step would take more micro-batches than "
+                        f"one epoch has ({len(r.batches)} of --batch-size {r.cfg.batch_size} per process); lower "
+                        f"--grad-accum or --batch-size")
+
+
+def say_what_runs(cfg: TrainConfig, world: World, device: torch.device) -> None:
+    """Under torchrun, one line on rank 0: how many processes, FSDP2 or DDP, the backend, each rank's device."""
+    if not world.distributed:
+        return
+    where = gather((socket.gethostname(), str(device)), world)
+    one_host = len({host for host, _ in where}) == 1
+    devices = ", ".join(f"rank {r} {dev if one_host else f'{host}:{dev}'}" for r, (host, dev) in enumerate(where))
+    if world.is_main and not cfg.quiet:
+        print(f"torchrun: {world.world_size} processes, {'FSDP2' if cfg.parallel == 'fsdp' else 'DDP'} on "
+              f"{dist.get_backend()}; {devices}", file=sys.stderr)
 
 
 def setup(cfg: TrainConfig, world: World, device: torch.device) -> Run:
     """The model, which parameters train, how the ranks share it, the data and the optimizer."""
     amp_dtype = DTYPES[cfg.dtype or default_dtype(device)]
-    # FSDP2 on GPUs runs bf16/fp16 through its own mixed-precision policy; elsewhere autocast does.
-    mp_dtype = amp_dtype if cfg.parallel == "fsdp" and device.type == "cuda" and amp_dtype != torch.float32 else None
+    # FSDP2 runs bf16 through its own mixed-precision policy (fp32 master weights, bf16 compute, fp32
+    # gradient reduction); one process and DDP use autocast.
+    mp_dtype = amp_dtype if cfg.parallel == "fsdp" and amp_dtype != torch.float32 else None
     amp = nullcontext() if mp_dtype else autocast(device, amp_dtype)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 and not mp_dtype else None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    # Model in fp32 (mixed precision runs the matmuls in bf16/fp16 when asked), then which parameters
-    # train, then (several ranks) how the ranks share it.
-    model, tokenizer = load_pretrained(cfg.model, dtype=torch.float32, device=device)
-    use_kernels(model, cfg.kernels)  # flash attention, RMSNorm, the loss without full logits (kernels/)
-    model.gradient_checkpointing = cfg.grad_checkpointing
-    lisa = setup_method(model, cfg)
-    torch.manual_seed(cfg.seed + world.rank)  # initialisation is the same on every rank, dropout is not
+
+    def prepare(model) -> LISA | None:  # the model as this run trains it; returns LISA's sampler
+        use_kernels(model, cfg.kernels, amp_dtype, device)  # flash attention, RMSNorm, the fused loss
+        model.gradient_checkpointing = cfg.grad_checkpointing
+        lean(model, cfg.checkpoint_frozen)  # save less for backward, bit-identically (activation_memory.py)
+        if cfg.compile:
+            compile_blocks(model)  # after checkpointing, before FSDP2 shards the blocks (kernels/compile.py)
+        return setup_method(model, cfg)  # which parameters train (LoRA adds its adapters)
+
+    # The model in fp32 master weights (mixed precision computes in bf16/fp16 when asked). FSDP2: built on
+    # the meta device, prepared, sharded, then each rank reads only its rows of the checkpoint. One process
+    # and DDP: loaded whole, then prepared.
     if cfg.parallel == "fsdp":
-        shard(model, mp_dtype)
+        model, tokenizer, lisa = load_sharded(cfg.model, device, world, prepare, mp_dtype, cfg.seed)
+    else:
+        model, tokenizer = load_pretrained(cfg.model, dtype=torch.float32, device=device)
+        lisa = prepare(model)
+    torch.manual_seed(cfg.seed + world.rank)  # initialisation is the same on every rank, dropout is not
     model.train()
-    batches, eval_examples = load_data(cfg, tokenizer, world)
+    batches, eval_examples = load_data(cfg, tokenizer, world, model.config.vocab_size)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(batches) / cfg.grad_accum))
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return Run(cfg, world, device, model, tokenizer, optimizer, lisa, batches, eval_examples, total, amp, scaler)
 
 
-def loop(r: Run, start: int, last_checkpoint: str | None) -> dict:
-    """The training loop, one comment per stage; then the result is written."""
+def loop(r: Run, start: int, last_checkpoint: str | None, rows: list[dict], stop: StopSignals) -> dict:
+    """The training loop, one comment per stage; then the result is written. `rows`: the metrics up to
+    `start`, from the checkpoint resumed."""
     cfg, world, lisa, total = r.cfg, r.world, r.lisa, r.total
     eval_every = every(cfg.eval_every, total) if r.eval_examples is not None else 0
     save_every = every(cfg.save_every, total)
     # While the run lasts its metrics live beside its checkpoints, so a run that fails leaves an earlier
     # run's files in --out untouched; the finished run moves them to --out/metrics.jsonl.
-    log = MetricsLog(cfg.log or os.path.join(cfg.out, CHECKPOINTS, "metrics.jsonl"),
-                     resume_step=start if last_checkpoint else None) if world.is_main else None
+    log = MetricsLog(cfg.log or os.path.join(cfg.out, CHECKPOINTS, "metrics.jsonl"), rows) if world.is_main else None
     progress = Progress(total, start, cfg.quiet or not world.is_main)
-    data, sigterm, clock = iter(r.batches), SigtermFlag(), time.perf_counter()
+    data, clock = iter(r.batches), time.perf_counter()
+    stop.phase = "train"  # from now on SIGTERM and Ctrl-C finish the step and checkpoint
     if eval_every and start == 0:
         evaluate(r, 0, log, progress)
     for step in range(start, total):
@@ -179,19 +257,23 @@ def loop(r: Run, start: int, last_checkpoint: str | None) -> dict:
             group["lr"] = lr
         # 3. Forward and backward over the micro-batches of this step, on every rank.
         micro = [next(data) for _ in range(cfg.grad_accum)]
-        loss, stop = all_sum([forward_backward(r, micro), float(sigterm.raised)], world, r.device)  # one sync
-        # 4. A non-finite loss never reaches the weights.
+        loss = forward_backward(r, micro)
+        # 4. The step's numbers on the host, in the one host sync of the step: the loss (summed over the
+        #    ranks), whether any rank was asked to stop (so every rank stops after the same step), the
+        #    global gradient norm. A non-finite loss stops the run before it reaches the weights.
+        norm = step_grad_norm(r) if cfg.clip > 0 else None
+        loss, stopping, norm_value = step_numbers(loss, stop.requested is not None, norm, world, r.device)
         if not math.isfinite(loss):
             progress.close()
             raise UserError(f"loss became {loss} at step {step + 1}; stopped ({kept(last_checkpoint)}). "
                             f"Try a lower --lr or --dtype fp32/bf16")
         # 5. Clip, update, drop the gradients.
-        norm = update(r)
+        update(r, norm)
         # 6. Log, evaluate, checkpoint.
         done, now = step + 1, time.perf_counter()
         tokens_per_s = world.world_size * sum(b["input_ids"].numel() for b in micro) / max(now - clock, 1e-9)
         clock = now
-        row = {"step": done, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm, 6),
+        row = {"step": done, "loss": round(loss, 6), "lr": lr, **({"grad_norm": round(norm_value, 6)} if cfg.clip else {}),
                "tokens_per_s": round(tokens_per_s, 1), **({"active": list(lisa.active)} if lisa else {})}
         if log:
             log.write(row)
@@ -199,13 +281,13 @@ def loop(r: Run, start: int, last_checkpoint: str | None) -> dict:
                                **({"active": lisa.active} if lisa else {})})
         if eval_every and (done % eval_every == 0 or done == total):
             evaluate(r, done, log, progress)
-        if done < total and (stop or save_every and done % save_every == 0):
+        if done < total and (stopping or save_every and done % save_every == 0):
             check_finite_weights(r.model, world, r.device, done, last_checkpoint)
-            last_checkpoint = save_checkpoint(cfg.out, done, r.model, r.optimizer, lisa, r.batches, cfg, world)
-            if stop:
+            last_checkpoint = save_checkpoint(r, done, log.rows if log else None)
+            if stopping:
                 progress.close()
-                raise Preempted(f"stopped by SIGTERM after step {done}; {last_checkpoint} holds the run: "
-                                f"continue it with the same command plus --resume")
+                raise Preempted(f"stopped by {stop.name()} after step {done}; {last_checkpoint} holds the run: "
+                                f"continue it with the same command plus --resume", stop.requested or SIGTERM)
     progress.close()
     if log:
         log.close()
@@ -221,8 +303,8 @@ def loop(r: Run, start: int, last_checkpoint: str | None) -> dict:
 def setup_method(model, cfg: TrainConfig) -> LISA | None:
     """Decide which parameters train: LISA (returns its sampler), LoRA adapters, or everything (full)."""
     if cfg.method == "lisa":
-        return LISA(model, cfg.lisa_layers, cfg.interval, seed=cfg.seed,
-                    train_embeddings=not cfg.freeze_embeddings, train_head=not cfg.freeze_head)
+        return LISA(model, cfg.lisa_layers, cfg.interval, seed=cfg.seed, train_embeddings=not cfg.freeze_embeddings,
+                    train_head=not cfg.freeze_head, sampling=cfg.lisa_sampling, probs=cfg.lisa_probs)
     if cfg.method == "lora":
         targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
         apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
@@ -231,14 +313,20 @@ def setup_method(model, cfg: TrainConfig) -> LISA | None:
     return None
 
 
-def load_data(cfg: TrainConfig, tokenizer, world: World) -> tuple[Batches, list | None]:
+def load_data(cfg: TrainConfig, tokenizer, world: World, vocab_size: int) -> tuple[Batches, list | None]:
     """This rank's training batches, and the held-out examples (None without held-out data). Rank 0 says
-    how many records were read, kept, truncated and dropped, and why (unless --quiet)."""
-    tok_args = dict(seq_len=cfg.seq_len, template=cfg.template, train_on_prompt=cfg.train_on_prompt)
+    how many records were read, kept, truncated and dropped, and why (unless --quiet). Every token id must
+    be below the model's vocab_size (every rank checks: each says so in one line)."""
+    tok_args = dict(seq_len=cfg.seq_len, template=cfg.template, train_on_prompt=cfg.train_on_prompt,
+                    vocab_size=vocab_size)
     quiet = cfg.quiet or not world.is_main
+    markers = unknown_markers_note(tokenizer, cfg.template)  # --template llama3 on a tokenizer without <|eot_id|>
+    if markers and not quiet:
+        print(f"note: {markers}", file=sys.stderr)
     train_data = tokenize_dataset(read_dataset(cfg.data, quiet=quiet), tokenizer, **tok_args)
     if not quiet:
         print(f"note: {train_data.summary()}", file=sys.stderr)
+    tokenizer.check_fits(vocab_size, ("pad_token",))  # rows are padded with it
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batches = Batches(train_data, cfg.batch_size, seed=cfg.seed, shuffle=True, pack=cfg.pack, pad_id=pad_id,
                       rank=world.rank, world_size=world.world_size)
@@ -275,56 +363,86 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * decay
 
 
-def forward_backward(s: Run, micro: list[dict]) -> float:
+def forward_backward(r: Run, micro: list[dict]) -> torch.Tensor:
     """Accumulate the gradients of one optimizer step over this rank's micro-batches; returns this rank's
-    share of the step's loss (the shares of all ranks add up to the mean NLL over every loss-bearing token).
+    share of the step's loss, on the device (the shares of all ranks add up to the mean NLL over every
+    loss-bearing token).
 
     DDP and FSDP2 average gradients over the ranks; the loss is scaled by world_size so that the result is
     the gradient of the global sum over the global token count. DDP skips its all-reduce on all but the
     last micro-batch (no_sync): the gradients are summed locally first."""
-    n_tokens = torch.tensor(float(sum(count_loss_tokens(b["labels"]) for b in micro)), device=s.device)
-    if s.world.distributed:
+    n_tokens = torch.tensor(float(sum(count_loss_tokens(b["labels"]) for b in micro)), device=r.device)
+    if r.world.distributed:
         dist.all_reduce(n_tokens)  # the global count stays on the device: no host sync
-    scale = s.world.world_size / n_tokens.clamp(min=1)
-    module = s.ddp or s.model
-    total = torch.zeros((), device=s.device)
+    scale = r.world.world_size / n_tokens.clamp(min=1)
+    module = r.ddp or r.model
+    total = torch.zeros((), device=r.device)
     for i, b in enumerate(micro):
-        position_ids = b["position_ids"].to(s.device) if b["position_ids"] is not None else None
-        sync = s.ddp.no_sync() if s.ddp is not None and i < len(micro) - 1 else nullcontext()
+        ids, labels, position_ids = (to_device(b[k], r.device) for k in ("input_ids", "labels", "position_ids"))
+        sync = r.ddp.no_sync() if r.ddp is not None and i < len(micro) - 1 else nullcontext()
         with sync:
-            with s.amp:
-                loss = next_token_nll(module, b["input_ids"].to(s.device), b["labels"].to(s.device),
-                                      position_ids).sum() * scale
-            (s.scaler.scale(loss) if s.scaler else loss).backward()
+            with r.amp:
+                loss = next_token_nll(module, ids, labels, position_ids).sum() * scale
+            (r.scaler.scale(loss) if r.scaler else loss).backward()
         total += loss.detach()
-    return float(total) / s.world.world_size
+    return total / r.world.world_size
 
 
-def update(s: Run) -> float:
-    """Clip the gradient norm (--clip 0: no clipping), take the AdamW step, drop the gradients; returns the
-    global gradient norm before clipping (nan when not clipping)."""
-    if s.scaler:
-        s.scaler.unscale_(s.optimizer)
-    norm = float("nan")
-    if s.cfg.clip > 0:
-        params = [p for p in s.model.parameters() if p.grad is not None]
-        total = grad_norm(params)
-        torch.nn.utils.clip_grads_with_norm_(params, s.cfg.clip, total)
-        norm = float(total)
-    if s.scaler:
-        s.scaler.step(s.optimizer)
-        s.scaler.update()
+def to_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """A batch tensor on the device, without making the host wait: on a GPU it is copied from pinned
+    memory asynchronously (a plain copy from pageable memory waits for the GPU)."""
+    if t is None or device.type != "cuda":
+        return None if t is None else t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def step_grad_norm(r: Run) -> torch.Tensor:
+    """The global L2 norm of the trainable gradients (over every rank's shards), on the device; the
+    gradients unscaled first under fp16 loss scaling."""
+    if r.scaler:
+        r.scaler.unscale_(r.optimizer)
+    return grad_norm([p for p in r.model.parameters() if p.grad is not None])
+
+
+def step_numbers(loss: torch.Tensor, stopping: bool, norm: torch.Tensor | None, world: World,
+                 device: torch.device) -> tuple[float, bool, float]:
+    """(the step's loss summed over the ranks, whether any rank was asked to stop, the gradient norm or nan):
+    one all-reduce and one copy to the host for the three. This is the step's only host sync: the loop
+    needs the loss to decide whether the step may reach the weights, and to print it."""
+    summed = torch.stack([loss.float(), torch.tensor(float(stopping), device=device)])
+    if world.distributed:
+        dist.all_reduce(summed)
+    nan = torch.tensor(float("nan"), device=device)
+    loss_value, stop, norm_value = torch.cat([summed, (nan if norm is None else norm.float())[None]]).tolist()
+    return loss_value, bool(stop), norm_value
+
+
+def update(r: Run, norm: torch.Tensor | None) -> None:
+    """Clip the gradients to --clip given their global norm (None: no clipping), take the AdamW step, drop
+    the gradients."""
+    if r.scaler and norm is None:
+        r.scaler.unscale_(r.optimizer)  # as scaler.step would (step_grad_norm did when clipping)
+    if r.lisa:
+        r.lisa.measure()  # --lisa-sampling gradnorm: the active blocks' gradient norms (a no-op otherwise)
+    if norm is not None:
+        params = [p for p in r.model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, r.cfg.clip, norm)
+    if r.scaler:  # the gradients are unscaled by now
+        r.scaler.step(r.optimizer)
+        r.scaler.update()
     else:
-        s.optimizer.step()
-    s.optimizer.zero_grad(set_to_none=True)
-    return norm
+        r.optimizer.step()
+    r.optimizer.zero_grad(set_to_none=True)
 
 
 def evaluate(r: Run, step: int, log: MetricsLog | None, progress: Progress) -> None:
-    """The mean loss per loss-bearing token over the held-out examples (the metric eval.py reports). Every
-    rank scores all of them: FSDP2 needs every rank in every forward pass."""
+    """The mean loss per loss-bearing token over the held-out examples (the metric eval.py reports). Each
+    rank scores its share of them (every world_size-th example) and the sums are added over the ranks."""
+    mine = rank_share(r.eval_examples, r.world.rank, r.world.world_size)
     with r.amp:
-        total, count = nll(r.model, r.eval_examples, r.cfg.batch_size)
+        total, count = nll(r.model, mine, r.cfg.batch_size)
+    reshard(r.model)  # no backward follows these forward passes
+    total, count = all_sum([total, count], r.world, r.device)
     eval_loss = total / max(count, 1)
     if log:
         log.write({"step": step, "eval_loss": eval_loss})
@@ -339,25 +457,12 @@ def kept(last_checkpoint: str | None) -> str:
 def check_finite_weights(model, world: World, device: torch.device, step: int, last_checkpoint: str | None) -> None:
     """Refuse to save weights holding inf or NaN (a finite loss can still end in a non-finite update)."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    bad = sum(float(not torch.isfinite(p.detach()).all()) for p in local)
-    if all_sum([bad], world, device)[0]:
+    bad = torch.stack([~torch.isfinite(p.detach()).all() for p in local]).sum().float()  # on the device
+    if world.distributed:
+        dist.all_reduce(bad)
+    if bad.item():
         raise UserError(f"the weights became inf/NaN by step {step}; nothing was saved from them "
                         f"({kept(last_checkpoint)}). Try a lower --lr")
-
-
-class SigtermFlag:
-    """Remembers a SIGTERM (how schedulers pre-empt a job) instead of dying at once: the loop finishes its
-    step, writes a checkpoint and stops, on every rank together."""
-
-    def __init__(self):
-        self.raised = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. train() called from a worker thread): keep the default
-            pass
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
 
 
 def finish(r: Run, log: MetricsLog | None) -> None:
@@ -372,10 +477,9 @@ def finish(r: Run, log: MetricsLog | None) -> None:
         if cfg.method == "lora":
             save_adapter(model, cfg.out, base_model_name_or_path=cfg.model, writer=main, tokenizer=tokenizer,
                          dtype=to_dtype(cfg.save_dtype))
-            if cfg.merge and main:
-                if cfg.parallel == "fsdp":  # the model is in shards: merge the adapter just written into the base
-                    model = load_adapter(load_pretrained(cfg.model, dtype=torch.float32)[0], cfg.out)
-                save_pretrained(merge_lora(model), tokenizer, os.path.join(cfg.out, "merged"), dtype=dtype)
+            if cfg.merge:  # every rank merges its shard of each adapted weight; written as below
+                save_pretrained(merge_lora(model), tokenizer, os.path.join(cfg.out, "merged"), dtype=dtype,
+                                writer=main)
         else:
             save_pretrained(model, tokenizer, cfg.out, writer=main, dtype=dtype)
     except (OSError, SafetensorError) as e:
@@ -385,11 +489,13 @@ def finish(r: Run, log: MetricsLog | None) -> None:
             print(written(cfg, dtype), file=sys.stderr)
         if not cfg.log:
             os.replace(log.path, os.path.join(cfg.out, "metrics.jsonl"))
+        for d in [cfg.out] + ([os.path.join(cfg.out, "merged")] if cfg.method == "lora" and cfg.merge else []):
+            write_training_args(d, dataclasses.asdict(cfg), cfg.held_out_data())  # eval.py's default data
         remove_checkpoints(cfg.out)
         if cfg.plot:
             plot_run(log.rows, r.lisa.history if r.lisa else [], len(model.blocks), r.total,
                      os.path.join(cfg.out, "loss.png"))
-    barrier(r.world)
+    barrier(r.world, after_writing=True)
 
 
 def written(cfg: TrainConfig, dtype: torch.dtype) -> str:
@@ -398,7 +504,9 @@ def written(cfg: TrainConfig, dtype: torch.dtype) -> str:
     if cfg.method != "lora":
         return f"wrote {cfg.out}: the model in {how}, with the base model's tokenizer files"
     merged = f"; the merged model in {how} in {os.path.join(cfg.out, 'merged')}" if cfg.merge else ""
-    adapter = f"a PEFT adapter in {cfg.save_dtype or 'fp32'} with the base model's tokenizer files"
+    base = os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # as save_adapter records it
+    adapter = (f"a PEFT adapter in {cfg.save_dtype or 'fp32'} with the base model's tokenizer files, on the base "
+               f"{base} (adapter_config.json's base_model_name_or_path)")
     return f"wrote {cfg.out}: {adapter}{merged}"
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import transformers as tf
 
@@ -72,3 +73,62 @@ def labelled_runs(ids, labels):
     if cur:
         runs.append(cur)
     return runs
+
+
+# A Llama whose weight matrices (all but attention's) are larger than every size threshold in the code --
+# AdamW's TEMP_ELEMENTS (2**22 elements), the fused loss's chunking -- so tests see what a real model does:
+# the embedding and head are 32000 x 256 = 8.2M elements, each MLP matrix 256 x 16448 = 4.2M.
+BIG = dict(vocab_size=32000, hidden_size=256, intermediate_size=16448, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=2)
+
+
+def write_llama(path, dtype: str = "float32", seed: int = 0, max_shard_bytes: int = 5 * 2**30, **shape) -> str:
+    """A random Llama checkpoint directory (safetensors, config.json, the tiny preset's tokenizer files, whose
+    ids all fit the vocabulary), as save_pretrained writes it; returns its path. `shape` overrides BIG and
+    any other config.json key (tie_word_embeddings=True, model_type="gpt2", ...)."""
+    from nanolisa.config import ModelConfig
+    from nanolisa.model import build_model
+    from nanolisa.pretrained import save_pretrained
+    from nanolisa.tokenizer import load_tokenizer
+    tok = load_tokenizer("tiny")
+    hf = {**dict(model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, rope_theta=10000.0,
+                 hidden_act="silu", tie_word_embeddings=False, max_position_embeddings=1024,
+                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                 torch_dtype="float32"), **BIG, **shape}
+    if hf["model_type"] == "gpt2":
+        hf = dict(model_type="gpt2", vocab_size=hf["vocab_size"], n_embd=hf["hidden_size"],
+                  n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_positions=64,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = build_model(ModelConfig.from_hf(hf))
+    torch.manual_seed(seed)
+    model.init_weights()
+    save_pretrained(model, tok, str(path), dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return str(path)
+
+
+# ---- tokenizers built for the tests (tests/test_tokenizer.py, tests/test_outputs.py) ---------------------
+# A small corpus to train them on: ASCII, digits and operators, accents, CJK and an emoji.
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world! How are you doing today?",
+    "Large language models are trained on lots of text.",
+    "Fine-tuning adapts a model to a task with a few examples.",
+    "Numbers like 12 + 7 = 19 and 100 - 1 = 99 appear too.",
+    "Reverse the string abc to get cba. Ünïcödé: 世界, emoji 🙂.",
+]
+
+# ChatML, the chat template the test tokenizers carry.
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def train_sentencepiece(d, corpus, **kw):
+    """A SentencePiece tokenizer.model trained on corpus (a list of lines) in directory d (a Path); kw are
+    SentencePieceTrainer's options. Skips the test where sentencepiece is not installed."""
+    spm = pytest.importorskip("sentencepiece")
+    (d / "corpus.txt").write_text("\n".join(corpus))
+    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"),
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, **kw)
+    os.remove(d / "corpus.txt")
+    os.remove(d / "tokenizer.vocab")
+    return str(d)

@@ -5,7 +5,9 @@ import io
 
 import pytest
 import torch
+import torch.nn as nn
 
+import nanolisa.adamw
 from nanolisa.adamw import AdamW
 
 
@@ -174,3 +176,29 @@ def test_state_dict_round_trip_resumes_bit_exact():
     for a, b in zip(full_p, resumed_p):
         assert torch.equal(full.state[a]["exp_avg"], resumed.state[b]["exp_avg"])
         assert torch.equal(full.state[a]["exp_avg_sq"], resumed.state[b]["exp_avg_sq"])
+
+
+def test_slice_size_by_device_changes_no_bit(monkeypatch):
+    """CUDA's larger slices (adamw.TEMP_ELEMENTS_BY_DEVICE) give the bits of CPU's 16 MB ones: the same steps
+    on a tensor larger than the CPU slice (cut into 2 pieces there, whole with CUDA's size) and small ones."""
+    from nanolisa.adamw import TEMP_ELEMENTS, _slices, temp_elements
+    assert temp_elements(torch.device("cuda")) > temp_elements(torch.device("cpu")) == TEMP_ELEMENTS
+    torch.manual_seed(0)
+    start = [torch.randn(TEMP_ELEMENTS + 5), torch.randn(7, 5), torch.randn(3)]
+    results = []
+    for cpu_slice in (TEMP_ELEMENTS, temp_elements(torch.device("cuda"))):
+        monkeypatch.setitem(nanolisa.adamw.TEMP_ELEMENTS_BY_DEVICE, "cpu", cpu_slice)
+        ps = [nn.Parameter(t.clone()) for t in start]
+        opt = AdamW(ps, lr=1e-2, weight_decay=0.1)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        m = [opt.state[p]["exp_avg"] for p in ps]
+        pieces = len(list(_slices(ps, m, m, [1.0] * 3, [1.0] * 3, temp_elements(torch.device("cpu")))))
+        results.append((ps, pieces))
+    (a, pieces_a), (b, pieces_b) = results
+    assert (pieces_a, pieces_b) == (2, 1)  # 2**22 elements, then its last 5 with the small ones; all in one
+    assert all(not torch.equal(p, t) for p, t in zip(a, start))  # it moved ...
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # ... by the same bits

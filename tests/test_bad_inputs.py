@@ -7,6 +7,8 @@ issue 12 names are also run as a user runs them, as subprocesses of train.py, ev
 """
 import json
 import math
+import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +21,8 @@ from nanolisa.cli import chat as chat_cli
 from nanolisa.cli import eval as eval_cli
 from nanolisa.cli import train as train_cli
 from nanolisa.cli.common import run_cli
+from nanolisa.demo_data import NUM_TRAIN
+from nanolisa.runtime import available_memory
 from nanolisa.train_config import TrainConfig
 from nanolisa.trainer import train
 from tests.helpers import one_line_error, run_script
@@ -88,7 +92,7 @@ def fails_in_one_line(main, argv: list[str], capsys) -> str:
 TOOLS = {  # tool -> (main, its arguments besides --model)
     # --overwrite: the earlier result in --out may be replaced by a good run, and must survive a failing one
     "train": (train_cli.main, lambda out: ["--out", str(out), "--steps", "1", "--no-plot", "--quiet", "--overwrite"]),
-    "eval": (eval_cli.main, lambda out: []),
+    "eval": (eval_cli.main, lambda out: ["--data", "demo:test"]),
     "chat": (chat_cli.main, lambda out: ["--prompt", "hi"]),
 }
 
@@ -216,10 +220,22 @@ BAD_FLAGS = [  # (flags, what the one line says); --steps 2 is added unless --ep
     (["--save-every", "-2"], "--save-every must be N >= 1, 0 (never) or -1 (ten times per run), got -2"),
     (["--seed", "-1"], "--seed must be in [0, 2**64 - 1], got -1"),
     (["--seed", str(2**64)], f"--seed must be in [0, 2**64 - 1], got {2**64}"),
-    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--threads", "0"], "--threads must be between 1 and"),
+    (["--threads", "100000"], f"--threads must be between 1 and {os.cpu_count()} (this machine's CPUs), got 100000"),
     (["--device", "bogus"], "--device 'bogus': not a device"),
     pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+    pytest.param(["--device", "mps"], "--device mps: MPS (Apple's GPU) is not available",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is available here")),
+    (["--device", "meta"], "--device meta: nanolisa computes on cpu, cuda or mps, not meta"),
+    # too large to compute with
+    (["--lr", "1e300"], "--lr 1e+300 is too large: AdamW's step lr / (1 - beta1) must be a float32 number"),
+    (["--grad-accum", "100000000", "--overwrite"],  # (the demo's examples, one per row, in batches of 4)
+     "--grad-accum 100000000: one optimizer step would take more micro-batches than one epoch has "
+     f"({NUM_TRAIN // 4} of --batch-size 4 per process)"),
+    # a flag of several processes in one
+    (["--parallel", "fsdp"], "--parallel fsdp needs several processes: start train.py with torchrun"),
+    (["--parallel", "ddp"], "--parallel ddp needs several processes: start train.py with torchrun"),
     # nothing to train
     (["--freeze-embeddings", "--freeze-head", "--lisa-layers", "0"], "nothing to train"),
     # a flag that does nothing in this run
@@ -259,7 +275,8 @@ def test_seq_len_beyond_gpt2_positions_is_one_line(models, tmp_path, capsys):
 def test_epochs_replace_the_presets_step_count(tmp_path):
     assert TrainConfig(epochs=0.001).with_defaults().steps is None
     assert TrainConfig().with_defaults().steps == 3000
-    final = train(TrainConfig(out=str(tmp_path / "out"), epochs=0.001, batch_size=4, seq_len=64, eval_every=0,
+    # a quarter of one batch of 4, in epochs of the demo's NUM_TRAIN examples: one step
+    final = train(TrainConfig(out=str(tmp_path / "out"), epochs=1 / NUM_TRAIN, batch_size=4, seq_len=64, eval_every=0,
                               plot=False, quiet=True))
     assert final["step"] == 1 and math.isfinite(final["lr"])
 
@@ -276,8 +293,8 @@ def test_method_flags_at_their_defaults_pass():
 def test_the_issues_cases_as_subprocesses(models, tmp_path):
     """Each config.json case of the issue through one of the scripts in turn (the in-process table above runs
     every case through every tool), and two of its flags."""
-    scripts = {"train.py": lambda out: ["--out", str(out), "--steps", "1"], "eval.py": lambda out: [],
-               "chat.py": lambda out: ["--prompt", "hi"]}
+    scripts = {"train.py": lambda out: ["--out", str(out), "--steps", "1"],
+               "eval.py": lambda out: ["--data", "demo:test"], "chat.py": lambda out: ["--prompt", "hi"]}
     runs = []
     for i, case in enumerate(ISSUE_CASES):
         _, base, edit, message = next(c for c in BAD_CONFIGS if c[0] == case)
@@ -292,3 +309,166 @@ def test_the_issues_cases_as_subprocesses(models, tmp_path):
     for (args, message), p in zip(runs, results):
         assert message in one_line_error(p), args
     assert not any(tmp_path.glob("out-*")), "a failed run wrote its --out"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokens the model cannot embed, data that cannot be read, a model that cannot fit (issue 23): checked before
+# anything is trained or written. Each case: (id, how to make (model, data) in a directory, message).
+
+def _tokenizer_config(models, d, edit) -> str:
+    return edited_copy(models["llama"], d / "model", "tokenizer_config.json", edit)
+
+
+def _added_token_data(models, d):
+    """A tokenizer with one added token past the model's 261-row embedding, and data that uses it."""
+    model = _tokenizer_config(models, d, {"added_tokens_decoder": {"261": {"content": "<extra>", "special": True}}})
+    (d / "data.jsonl").write_text(json.dumps({"input": "a<extra>b=", "output": "c"}) + "\n")
+    return model, str(d / "data.jsonl")
+
+
+def _fifo(models, d):
+    os.mkfifo(d / "data.jsonl")
+    return models["llama"], str(d / "data.jsonl")
+
+
+def _huge_data(models, d):
+    """A sparse file (no disk blocks) as large as the memory available: reading it would take 3x that."""
+    with open(d / "data.json", "wb") as f:
+        f.truncate(available_memory())
+    return models["llama"], str(d / "data.json")
+
+
+def _layers_beyond_memory(models, d):
+    """A config.json whose blocks take twice the memory available (counted from the model's own block size)."""
+    with torch.device("meta"):
+        block = sum(p.numel() for p in nanolisa.load_model(models["llama"], device="meta").blocks[0].parameters())
+    layers = 2 * available_memory() // (4 * block)
+    return edited_copy(models["llama"], d / "model", "config.json", {"num_hidden_layers": layers}), "demo"
+
+
+BAD_FILES = [
+    ("bos-content-int", lambda m, d: (_tokenizer_config(m, d, {"bos_token": {"content": 5}}), "demo"),
+     'tokenizer_config.json: bos_token must be a token string or {"content": "..."}, got {"content": 5}'),
+    ("eos-not-in-vocab", lambda m, d: (_tokenizer_config(m, d, {"eos_token": "<|not-there|>"}), "demo"),
+     "tokenizer_config.json: eos_token '<|not-there|>' is not in the model's vocabulary (it would be id 261; the "
+     "model embeds ids 0..260)"),
+    ("pad-not-in-vocab", lambda m, d: (_tokenizer_config(m, d, {"pad_token": "<|pad-x|>"}), "demo"),
+     "tokenizer_config.json: pad_token '<|pad-x|>' is not in the model's vocabulary (it would be id 261"),
+    ("added-token-in-data", _added_token_data, "the data has token '<extra>' (id 261), which the model cannot embed"),
+    ("fifo-data", _fifo, "data.jsonl: not a regular file (a pipe, a socket or a device)"),
+    ("huge-data", _huge_data, "of data takes about"),
+    ("layers-beyond-memory", _layers_beyond_memory, "B parameters ("),
+]
+
+
+@pytest.mark.parametrize("case, make, message", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_bad_model_or_data_file_is_one_line_and_nothing_changes(models, tmp_path, capsys, case, make, message):
+    model, data = make(models, tmp_path)
+    inputs = {p: snapshot(p) for p in (model, data) if os.path.isdir(p)}
+    out = tmp_path / "out"
+    earlier = earlier_result(out)
+    line = fails_in_one_line(train_cli.main, ["--model", model, "--data", data, "--steps", "1", *QUICK, "--out",
+                                              str(out), "--overwrite"], capsys)
+    assert message in line, line
+    assert {p: snapshot(p) for p in inputs} == inputs and snapshot(out) == earlier
+    if case == "layers-beyond-memory":  # both numbers: what the model needs, what the machine has
+        need, have = re.search(r"([\d.]+) GB in float32, more than the ([\d.]+) GB", line).groups()
+        assert float(need) > float(have) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --log: the rules of --out (issue 23)
+
+def _log_cases(models, tmp_path):
+    """(id, --log, extra flags, message) for a --log that must be refused."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "abc"}) + "\n")
+    other = tmp_path / "other_run"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    (tmp_path / "old.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    return [
+        ("base-model", f"{models['llama']}/model.safetensors", ["--model", models["llama"]], "inside the base model"),
+        ("data", str(data), ["--data", str(data)], f"would overwrite the --data {data}"),
+        ("other-file", str(other / "config.json"), ["--overwrite"], "exists and is not a metrics log"),
+        ("earlier-log", str(tmp_path / "old.jsonl"), [], "holds another run's metrics; pass --overwrite"),
+        ("inside-out", str(tmp_path / "out" / "model.safetensors"), [], "is inside --out"),
+        ("directory", str(other), [], "is not a regular file"),
+    ]
+
+
+LOG_CASES = ["base-model", "data", "other-file", "earlier-log", "inside-out", "directory"]
+
+
+@pytest.mark.parametrize("case", LOG_CASES)
+def test_bad_log_is_one_line_and_nothing_changes(models, tmp_path, capsys, case):
+    _, log, flags, message = next(c for c in _log_cases(models, tmp_path) if c[0] == case)
+    before = snapshot(tmp_path)
+    line = fails_in_one_line(train_cli.main, ["--steps", "1", *QUICK, "--out", str(tmp_path / "out"), "--log", log,
+                                              *flags], capsys)
+    assert message in line, line
+    assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_an_earlier_log_is_replaced_with_overwrite(tmp_path):
+    log = tmp_path / "old.jsonl"
+    log.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    train(TrainConfig(out=str(tmp_path / "out"), log=str(log), overwrite=True, steps=2, batch_size=4, seq_len=48,
+                      eval_every=0, plot=False, quiet=True))
+    assert [json.loads(line)["step"] for line in open(log)] == [1, 2]
+
+
+def test_two_runs_never_share_a_log(tmp_path, capsys):
+    """The run holds a lock on its --log: a second run with the same --log (another --out) is refused."""
+    import fcntl
+    log = tmp_path / "shared.jsonl"
+    log.write_text("")
+    with open(log) as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running run holds it
+        line = fails_in_one_line(train_cli.main, ["--steps", "1", *QUICK, "--out", str(tmp_path / "out"),
+                                                  "--log", str(log)], capsys)
+    assert f"--log {log} is in use by another run" in line
+    assert log.read_text() == "" and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quieter wrongs (issue 23): allowed, but said; valid JSON
+
+def _strict_json(line: str):
+    return json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+
+
+def test_clip_0_writes_valid_json(tmp_path, capsys):
+    out = tmp_path / "out"
+    train_cli.main(["--steps", "2", "--clip", "0", "--eval-every", "0", *QUICK, "--out", str(out)])
+    rows = [_strict_json(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and not any("grad_norm" in r for r in rows)
+    assert _strict_json(capsys.readouterr().out)["step"] == 2  # the summary on stdout too
+    train_cli.main(["--steps", "2", "--eval-every", "0", *QUICK, "--out", str(tmp_path / "clipped")])  # the control
+    assert all("grad_norm" in _strict_json(line) for line in open(tmp_path / "clipped" / "metrics.jsonl"))
+
+
+def test_a_folder_named_like_a_preset_is_used_and_said(models, tmp_path, monkeypatch, capsys):
+    shutil.copytree(models["llama"], tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    train_cli.main(["--steps", "1", *[f for f in QUICK if f != "--quiet"], "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"note: --model tiny is the directory {tmp_path / 'tiny'}, not the built-in preset" in err
+    assert nanolisa.load_model(str(tmp_path / "out")).config.hidden_size == 32  # the folder's model, not the preset's
+
+
+def test_seq_len_past_the_context_is_said_once(tmp_path, capsys):
+    """RoPE extends past max_position_embeddings (GPT-2's learned positions do not: refused above)."""
+    train_cli.main(["--steps", "1", "--batch-size", "4", "--seq-len", "2048", "--no-plot", "--eval-every", "0",
+                    "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert err.count("--seq-len 2048 is longer than the model's context (max_position_embeddings 1024)") == 1
+
+
+@pytest.mark.parametrize("tool", ["eval", "chat"])
+@pytest.mark.parametrize("case", ["bos-content-int", "eos-not-in-vocab"])
+def test_bad_special_tokens_are_one_line_in_chat_and_eval_too(models, tmp_path, capsys, tool, case):
+    _, make, message = next(c for c in BAD_FILES if c[0] == case)
+    model, _ = make(models, tmp_path)
+    main, args = TOOLS[tool]
+    assert message in fails_in_one_line(main, ["--model", model, *args(tmp_path / "out")], capsys)

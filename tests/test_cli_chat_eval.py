@@ -123,18 +123,20 @@ def plain_model_dir(model_dir, tmp_path_factory):
 
 
 def test_template_less_model_chats_in_completion_mode_through_a_pipe(plain_model_dir):
-    """Each line is continued as plain text, one reply per line on stdout (no prompts), and the session says
-    once that it is in completion mode."""
+    """Each line is continued as plain text, on its own (nothing of earlier lines is kept, no /reset needed),
+    one reply per line on stdout (no prompts), and the session says so once."""
     model, tok = nanolisa.load_pretrained(plain_model_dir)
     assert tok.chat_template is None
-    lines = ["upper(cat)=", "abc", "/reset", "upper(cat)="]
+    lines = ["upper(cat)=", "abc", "upper(cat)=", "/reset", "upper(cat)="]
     r = _run("chat.py", "--model", plain_model_dir, "--max-new-tokens", "6", "--device", "cpu",
              input="".join(line + "\n" for line in lines))
     assert r.returncode == 0, r.stderr
     expected = [tok.decode(generate(model, tok.encode(x), 6, stop_ids=tok.stop_token_ids), skip_special_tokens=True)
-                for x in ("upper(cat)=", "abc", "upper(cat)=")]
+                for x in ("upper(cat)=", "abc", "upper(cat)=", "upper(cat)=")]
     assert r.stdout == "".join(e + "\n" for e in expected)
     assert r.stderr.count("completion mode") == 1 and "Traceback" not in r.stderr
+    note = next(x for x in r.stderr.splitlines() if "completion mode" in x)
+    assert "on its own, with nothing of earlier lines kept" in note
 
 
 def test_raw_works_interactively_and_ignores_the_template(model_dir, monkeypatch, capsys):
@@ -266,7 +268,7 @@ def test_eval_bad_data_is_one_line(model_dir, tmp_path, case):
 
 
 def test_eval_refuses_a_seq_len_past_the_context(model_dir, tmp_path):
-    r = _run("eval.py", "--model", model_dir, "--seq-len", "6000")
+    r = _run("eval.py", "--model", model_dir, "--seq-len", "6000", "--data", "demo:test")
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines() == [
         "error: --seq-len 6000 is longer than the model's context of 256 positions (max_position_embeddings); "
@@ -290,23 +292,223 @@ def nan_model_dir(model_dir, tmp_path_factory):
 @pytest.mark.parametrize("metric", ["nll", "choice"])
 def test_eval_never_prints_nan(nan_model_dir, tmp_path, metric):
     """A non-finite score is an error (exit 2, one line), not `NaN` in the JSON with exit 0."""
-    data = ["--data", _write(tmp_path / "mc.jsonl", {"question": "1+1", "choices": ["2", "3"], "answer": 0})] \
-        if metric == "choice" else []
-    r = _run("eval.py", "--model", nan_model_dir, "--metric", metric, "--json", *data)
+    data = _write(tmp_path / "mc.jsonl", {"question": "1+1", "choices": ["2", "3"], "answer": 0}) \
+        if metric == "choice" else "demo:test"
+    r = _run("eval.py", "--model", nan_model_dir, "--metric", metric, "--json", "--data", data)
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()  # the nll metric first says what it read (issue 11's counts line)
+    lines = r.stderr.strip().splitlines()  # first what it read (issue 11's counts line) or how it scores
     assert lines[-1].startswith("error: ") and "not finite" in lines[-1]
-    assert lines[:-1] == ([] if metric == "choice" else [l for l in lines if l.startswith("note: demo:")])
+    assert len(lines) == 2 and lines[0].startswith("note: ")
 
 
 def test_eval_json_is_strict(model_dir, capsys):
-    evalcli.main(["--model", model_dir, "--json", "--limit", "4"])
+    evalcli.main(["--model", model_dir, "--json", "--limit", "4", "--data", "demo:test"])
     line = capsys.readouterr().out
     json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
 
 
 def test_eval_writes_no_progress_redraws_into_a_log(model_dir):
     """stderr is not a terminal here (a pipe, as in CI logs or nohup): no tqdm carriage returns."""
-    r = _run("eval.py", "--model", model_dir, "--limit", "16", "--batch-size", "4")
+    r = _run("eval.py", "--model", model_dir, "--limit", "16", "--batch-size", "4", "--data", "demo:test")
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr and r.stdout.startswith("nll ")
+
+
+# ---- issue 25: adapters bring their template and find their base; eval.py's default data ------------------
+
+def _adapter(model_dir, out, template=None, base=None, seed=1):
+    """A LoRA adapter on model_dir (B not zero, so it changes what the model says) whose tokenizer files carry
+    `template` as their chat template, as train.py writes them; base: what adapter_config.json records."""
+    from nanolisa.lora import apply_lora, lora_modules, save_adapter
+    model, tok = nanolisa.load_pretrained(model_dir)
+    apply_lora(model, r=4, alpha=8)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0, 0.5)
+    tok.chat_template = template
+    save_adapter(model, str(out), base_model_name_or_path=base or model_dir, tokenizer=tok)
+    return model, tok
+
+
+def test_an_adapter_chats_with_the_template_it_was_trained_with(model_dir, tmp_path, capsys):
+    """The base has ChatML; the adapter was trained with zephyr (or, as the demo LoRA, with none): chat.py
+    and eval.py use the adapter's, and say which."""
+    from nanolisa.data import read_dataset, tokenize_dataset
+    from nanolisa.evaluate import nll
+    from nanolisa.templates import PRESETS
+    adapter = tmp_path / "zephyr"
+    model, tok = _adapter(model_dir, adapter, template=PRESETS["zephyr"])
+    msgs = [{"role": "user", "content": "hi"}]
+    ids = tok.encode(render_chat(msgs, tok, add_generation_prompt=True), add_special_tokens=False)
+    base_tok = nanolisa.load_pretrained(model_dir)[1]
+    assert ids != base_tok.encode(render_chat(msgs, base_tok, add_generation_prompt=True), add_special_tokens=False)
+    expected = tok.decode(generate(model, ids, 8, stop_ids=tok.stop_token_ids), skip_special_tokens=True)
+    chat.main(["--model", str(adapter), "--prompt", "hi", "--max-new-tokens", "8"])
+    out, err = capsys.readouterr()
+    assert out == expected + "\n" and f"note: chat template: {adapter}'s own (the zephyr preset)" in err
+    # eval.py scores conversations through the same template
+    data = _write(tmp_path / "c.json", {"type": "conversation", "instances": [{"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}]})
+    evalcli.main(["--model", str(adapter), "--data", data, "--json"])
+    out, err = capsys.readouterr()
+    total, n = nll(model, tokenize_dataset(read_dataset(data), tok, seq_len=256).examples)
+    assert json.loads(out)["nll"] == pytest.approx(total / n, rel=1e-5) and "(the zephyr preset)" in err
+    # an adapter trained without a template (the demo LoRA) is talked to in completion mode
+    plain = tmp_path / "plain"
+    model, tok = _adapter(model_dir, plain, template=None)
+    expected = tok.decode(generate(model, tok.encode("upper(cat)="), 6, stop_ids=tok.stop_token_ids),
+                          skip_special_tokens=True)
+    chat.main(["--model", str(plain), "--prompt", "upper(cat)=", "--max-new-tokens", "6"])
+    out, err = capsys.readouterr()
+    assert out == expected + "\n" and f"note: {plain} has no chat template: completion mode" in err
+
+
+def test_an_adapter_finds_its_base_from_any_directory(model_dir, tmp_path, monkeypatch, capsys):
+    """A relative base is recorded absolute; a base that is gone is one line naming adapter_config.json, and
+    --base overrides what it names."""
+    import shutil
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copytree(model_dir, work / "base")
+    monkeypatch.chdir(work)
+    model, tok = _adapter("base", work / "adapter", base="base")
+    assert json.loads((work / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(work / "base")
+    expected = tok.decode(generate(model, tok.encode("abc"), 10), skip_special_tokens=True) + "\n"
+    argv = ["--raw", "--prompt", "abc", "--max-new-tokens", "10", "--ignore-eos"]
+    monkeypatch.chdir(elsewhere)
+    chat.main(["--model", str(work / "adapter"), *argv])
+    out, err = capsys.readouterr()
+    assert out == expected and f"is a LoRA adapter on {work / 'base'} (base_model_name_or_path in" in err
+    (work / "base").rename(work / "moved")
+    line = fails_in_one_line(chat.main, ["--model", str(work / "adapter"), *argv], capsys)
+    assert f"{work / 'adapter' / 'adapter_config.json'} names (base_model_name_or_path)" in line and "--base" in line
+    chat.main(["--model", str(work / "adapter"), "--base", str(work / "moved"), *argv])
+    assert capsys.readouterr().out == expected
+    fails_in_one_line(chat.main, ["--model", str(work / "moved"), "--base", str(work / "moved"), *argv], capsys)
+
+
+def test_eval_defaults_to_the_held_out_split_of_the_training_data(tmp_path, capsys):
+    """After --data demo:conversation, eval.py scores demo:conversation:test, as --data would; a model without
+    the record, or trained without held-out data, is refused rather than guessed at."""
+    from nanolisa.train_config import TrainConfig
+    from nanolisa.trainer import train
+    out = tmp_path / "out"
+    train(TrainConfig(out=str(out), data="demo:conversation", steps=2, batch_size=4, seq_len=64, eval_every=0,
+                      save_every=0, plot=False, quiet=True))
+    record = json.loads((out / "training_args.json").read_text())
+    assert record["held_out_data"] == "demo:conversation:test" and record["data"] == "demo:conversation"
+    evalcli.main(["--model", str(out), "--json", "--limit", "8"])
+    default = capsys.readouterr()
+    evalcli.main(["--model", str(out), "--json", "--limit", "8", "--data", "demo:conversation:test"])
+    a, b = json.loads(default.out), json.loads(capsys.readouterr().out)
+    assert a["data"] == "demo:conversation:test" and {**a, "seconds": 0} == {**b, "seconds": 0}
+    assert "note: evaluating on demo:conversation:test, the held-out data" in default.err
+    (out / "training_args.json").unlink()
+    assert "has no training_args.json" in fails_in_one_line(evalcli.main, ["--model", str(out)], capsys)
+    own = _write(tmp_path / "own.json", {"type": "text2text", "instances": [{"input": "a", "output": "b"}] * 8})
+    out2 = tmp_path / "out2"
+    train(TrainConfig(out=str(out2), data=own, steps=1, batch_size=4, seq_len=64, eval_every=0, save_every=0,
+                      plot=False, quiet=True))
+    line = fails_in_one_line(evalcli.main, ["--model", str(out2)], capsys)
+    assert f"was trained on {own} without held-out data" in line
+    with pytest.raises(SystemExit):
+        evalcli.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert "demo:conversation:test" in help_text and "demo:test" in help_text
+    from nanolisa.cli import train as traincli
+    with pytest.raises(SystemExit):
+        traincli.parse_args(["--help"])
+    train_help = " ".join(capsys.readouterr().out.split())
+    assert "'demo:conversation'" in train_help and "'demo:conversation:test'" in train_help
+
+
+# ---- issue 25: completion mode, zero-token replies, the llama3 template on a tokenizer without its tokens --
+
+def test_a_reply_of_no_tokens_reports_no_first_token(model_dir, monkeypatch, capsys):
+    from nanolisa.generate import Decoder
+    monkeypatch.setattr(Decoder, "stream", lambda self, *a, **k: iter(()))  # EOS came first
+    chat.main(["--model", model_dir, "--raw", "--prompt", "x"])
+    out, err = capsys.readouterr()
+    report = err.strip().splitlines()[-1]
+    assert out == "\n" and report.startswith("[0 tokens; prompt ") and "the reply ended at once" in report
+    assert "first token" not in report
+
+
+def test_a_template_whose_tokens_the_tokenizer_lacks_is_said_in_one_line(model_dir, tmp_path, capsys):
+    """The tiny byte-level tokenizer has no <|eot_id|>: --template llama3 writes it as plain bytes."""
+    from nanolisa.train_config import TrainConfig
+    from nanolisa.trainer import train
+    chat.main(["--model", model_dir, "--template", "llama3", "--prompt", "hi", "--max-new-tokens", "2"])
+    notes = [x for x in capsys.readouterr().err.splitlines() if "<|eot_id|>" in x]
+    assert len(notes) == 1 and notes[0].startswith("note: the llama3 template writes") and "plain text" in notes[0]
+    train(TrainConfig(model=model_dir, out=str(tmp_path / "o"), data="demo:conversation", template="llama3", steps=1,
+                      batch_size=2, seq_len=256, eval_every=0, save_every=0, plot=False))
+    notes = [x for x in capsys.readouterr().err.splitlines() if "<|eot_id|>" in x]
+    assert len(notes) == 1 and notes[0].startswith("note: the llama3 template writes")
+    chat.main(["--model", model_dir, "--template", "chatml", "--prompt", "hi", "--max-new-tokens", "2"])
+    assert "plain text" not in capsys.readouterr().err  # the tokenizer has ChatML's tokens
+
+
+def test_inference_help_says_nothing_of_training(capsys):
+    for tool in (chat, evalcli):
+        with pytest.raises(SystemExit):
+            tool.parse_args(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "training loss" not in text and "kernels/" not in text and "--version" in text
+
+
+# ---- issue 23: chat.py and eval.py's remaining tracebacks and silent wrongs ----------------------------------
+
+def fails_in_one_line(main, argv, capsys) -> str:
+    """A tool's main run as its script runs it (run_cli): exit 2, nothing on stdout, one `error:` line."""
+    from nanolisa.cli.common import run_cli
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(argv))
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert e.value.code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", [["--temperature", "nan"], ["--temperature", "1e-300"], ["--temperature", "inf"],
+                                  ["--temperature", "1", "--seed", str(2**70)], ["--seed", "-1"],
+                                  ["--repetition-penalty", "nan"]])
+def test_bad_sampling_flags_are_one_line(args, capsys):
+    line = fails_in_one_line(chat.main, ["--prompt", "hi", "--max-new-tokens", "2", *args], capsys)
+    assert line.startswith(f"error: {args[-2]} {args[-1]}: ")
+
+
+def test_a_closed_output_pipe_is_one_line(plain_model_dir):
+    """`chat.py ... | head -1`: the reader is gone before the replies are written."""
+    import subprocess
+    import sys
+    from tests.helpers import ROOT
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "chat.py"), "--model", plain_model_dir,
+                          "--max-new-tokens", "4", "--ignore-eos"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=ROOT)
+    p.stdout.close()
+    _, err = p.communicate(b"abc\n" * 50, timeout=300)
+    err = err.decode()
+    assert p.returncode == 2 and "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.strip().splitlines()[-1] == \
+        "error: the output was closed before everything was written (a pipe reader that exited?)"
+
+
+def test_a_model_with_non_finite_outputs_is_said_by_chat_and_eval_accuracy(nan_model_dir, tmp_path, capsys):
+    """Greedy decoding from NaN logits is token 0 every time: a NUL byte in the tiny vocabulary. Neither a
+    stream of them nor an accuracy of 0.0 with exit 0: one line saying the outputs are not finite."""
+    nan_everywhere = tmp_path / "nan"
+    model, tok = nanolisa.load_pretrained(nan_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    nanolisa.save_pretrained(model, tok, str(nan_everywhere))
+    for d in (nan_model_dir, str(nan_everywhere)):  # one NaN row poisons the softmax; a whole NaN head, argmax
+        line = fails_in_one_line(chat.main, ["--model", d, "--raw", "--prompt", "abc", "--max-new-tokens", "5"],
+                                 capsys)
+        assert "the model's outputs are not finite" in line
+        line = fails_in_one_line(evalcli.main, ["--model", d, "--metric", "accuracy", "--data", "demo:test",
+                                                "--limit", "4"], capsys)
+        assert "the model's outputs are not finite" in line

@@ -18,7 +18,7 @@ def test_scripts_are_thin_and_have_a_usage_docstring(script):
     assert f"from nanolisa.cli.{script[:-3]} import run" in source
 
 
-@pytest.mark.parametrize("tool", ["train", "chat", "eval", "merge"])
+@pytest.mark.parametrize("tool", ["train", "chat", "eval", "merge", "preset"])
 def test_every_flag_has_help(tool, monkeypatch):
     mod = importlib.import_module(f"nanolisa.cli.{tool}")
     assert mod.__doc__ and "nanolisa" in mod.__doc__ and "python" in mod.__doc__, f"{tool} has no usage docstring"

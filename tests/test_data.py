@@ -1,6 +1,7 @@
 """Data pipeline: formats, validation errors, loss masks token by token, cache, batching, sharding, resume."""
 import json
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -199,9 +200,32 @@ def test_packing_rows_and_position_ids(tok):
             for a, z in zip(starts[:-1], starts[1:]):  # every document is one whole example, positions 0..n-1
                 assert pos[a:z] == list(range(z - a))
                 doc = (ids[a:z], labels[a:z])
+                assert doc[1][0] == -100  # a document's first token is never a target when packed
                 if any(l != -100 for l in doc[1]):
-                    seen.append(data.examples.index((doc[0], doc[1])))
+                    seen.append([e[0] for e in data.examples].index(doc[0]))
+                    assert doc[1][1:] == data.examples[seen[-1]][1][1:]
     assert sorted(seen) == list(range(len(data.examples)))  # one epoch = every example exactly once
+
+
+def test_packed_rows_train_exactly_the_targets_of_unpacked_rows(tok):
+    """The same documents, packed into rows or one per row: the same loss-bearing targets, and (the model
+    keeping documents apart) the same summed NLL. Before the fix, each packed document's last token was
+    also trained to predict the next document's first token, which it cannot see."""
+    import nanolisa
+    from nanolisa.loss import count_loss_tokens, next_token_nll
+    ds = read_dataset("demo")  # text_only: every token takes a loss, the first of each document included
+    ds.type, ds.fingerprint = "text_only", ""
+    ds.instances = [{"text": f"{i} plus {i} is {2 * i}" + "!" * (i % 4)} for i in range(12)]
+    data = tokenize_dataset(ds, tok, 48, cache_dir=False)
+    model, _ = nanolisa.load_pretrained("tiny")
+    packed = list(Batches(data, 3, pack=True, shuffle=False, pad_id=tok.pad_token_id).epoch(0))
+    plain = list(Batches(data, 3, pack=False, shuffle=False, pad_id=tok.pad_token_id).epoch(0))
+    count = lambda bs: sum(count_loss_tokens(b["labels"]) for b in bs)  # noqa: E731
+    assert count(packed) == count(plain) > 0
+    with torch.no_grad():
+        nll = lambda bs: sum(float(next_token_nll(model, b["input_ids"], b["labels"],  # noqa: E731
+                                                  b["position_ids"]).sum()) for b in bs)
+        assert abs(nll(packed) - nll(plain)) <= 1e-4 * nll(plain)
 
 
 def test_seeded_shuffle_differs_per_epoch_and_not_global_rng(tok):
@@ -273,8 +297,10 @@ def test_resume_continues_exact_order(tok):
 # ---- demo data -------------------------------------------------------------------------------------------
 def test_demo_splits_are_deterministic_disjoint_and_determined(tmp_path, tok):
     train, test = demo_data.demo_pairs("train"), demo_data.demo_pairs("test")
-    assert len(train) == 3000 and len(test) == 200
+    assert len(train) == demo_data.NUM_TRAIN == 20000 and len(test) == demo_data.NUM_TEST == 200
     assert not ({p for p, _ in train} & {p for p, _ in test})
+    kinds = Counter(p.split("(")[0] if "(" in p else "add" for p, _ in train)
+    assert set(kinds) == set(demo_data.TASKS) and min(kinds.values()) > 0.2 * len(train)  # each about 1/4
     assert demo_data.demo_pairs("test") == test
     for p, a in train[:300]:  # the answer follows from the prompt
         op, arg = p[:-1].split("(")[0], p[p.find("(") + 1:-2] if "(" in p else None
@@ -290,6 +316,6 @@ def test_demo_splits_are_deterministic_disjoint_and_determined(tmp_path, tok):
     assert len(paths) == 4
     for p in paths:
         d = read_dataset(p)
-        assert len(d) in (3000, 200) and d.type in ("conversation", "text2text")
+        assert len(d) in (20000, 200) and d.type in ("conversation", "text2text")
     with pytest.raises(UserError, match="unknown demo option"):
         read_dataset("demo:valid")

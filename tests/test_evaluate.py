@@ -103,31 +103,63 @@ def test_exact_match_uses_greedy_replies(pair):
     assert preds == replies and correct == 1
 
 
-def test_choice_scores_match_transformers_loglik(pair, tmp_path):
+def lm_eval_loglikelihood(hf, hf_tok, context: str, continuation: str) -> float:
+    """The oracle: lm-evaluation-harness's HFLM loglikelihood of one request, step by step as its code does
+    it (lm_eval/api/model.py _encode_pair, models/huggingface.py _loglikelihood_tokens), with transformers'
+    own tokenizer and model."""
+    n = len(context) - len(context.rstrip())
+    if n:  # whitespace ending the context belongs to the continuation
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = hf_tok(context + continuation)["input_ids"]  # the tokenizer's default special tokens (BOS)
+    ctx = hf_tok(context)["input_ids"]
+    cont = whole[len(ctx):]
+    inp = torch.tensor([(ctx + cont)[:-1]])
+    with torch.no_grad():
+        logp = hf(input_ids=inp).logits[0].float().log_softmax(-1)
+    return sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+
+
+@pytest.mark.parametrize("prompt,delimiter", [(None, None), ("Q: {{question}} ({{subject}})\nA: ", "")])
+def test_choice_scores_are_lm_evals_multiple_choice(pair, tmp_path, prompt, delimiter):
+    """acc, acc_norm (by characters) and acc_bytes (by UTF-8 bytes) as lm-eval computes them from its
+    loglikelihoods: the default ARC prompt, and a prompt of the user's (other fields of the line, a trailing
+    space that moves to the continuation, no delimiter)."""
+    import jinja2
+    from nanolisa.presets import ASSETS
     hf, model = pair
+    hf_tok = transformers.AutoTokenizer.from_pretrained(f"{ASSETS}/tiny")
     path = tmp_path / "mc.jsonl"
-    items = [{"question": "2+2?", "choices": ["3", "4", "22"], "answer": 1},
-             {"question": "colour of sky", "choices": ["blue", "green"], "answer": "A"},
-             {"question": "x", "choices": ["yes", "no", "maybe"], "answer": "maybe"}]
-    path.write_text("\n".join(json.dumps(d) for d in items) + "\n")
+    items = [{"question": "2+2?", "choices": ["3", "4", "22"], "answer": 1, "subject": "math"},
+             {"question": "colour of sky", "choices": ["blue", "grün", "größer als"], "answer": "A", "subject": "x"},
+             {"question": "x", "choices": ["yes", "no", "maybe"], "answer": "maybe", "subject": "y"},
+             {"question": "café?", "choices": ["é", "ee", "e"], "answer": 0, "subject": "ü"}]
+    path.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in items) + "\n")
     parsed = read_choice_file(str(path))
-    assert [d["answer"] for d in parsed] == [1, 0, 2]
-    got = score_choices(model, TOK, parsed, batch_size=2)
-    # oracle: sum of transformers' log-probs of the choice tokens after the question prompt
-    acc = acc_norm = 0
+    assert [d["answer"] for d in parsed] == [1, 0, 2, 0]
+    kw = {} if prompt is None else dict(prompt=prompt, delimiter=delimiter)
+    got = score_choices(model, TOK, parsed, batch_size=2, **kw)
+    # lm-eval's doc_to_text: a jinja2 Environment with StrictUndefined and keep_trailing_newline
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    template = env.from_string(prompt or "Question: {{question}}\nAnswer:")
+    hits = {"acc": 0, "acc_norm": 0, "acc_bytes": 0}
     for d in parsed:
-        lps = []
-        for c in d["choices"]:
-            ctx = [TOK.bos_token_id] + TOK.encode(f"Question: {d['question']}\nAnswer:", add_special_tokens=False)
-            cont = TOK.encode(" " + c, add_special_tokens=False)  # bytes: no merges across the boundary
-            ids = torch.tensor([ctx + cont])
-            with torch.no_grad():
-                logp = hf(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-            lps.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
-        acc += max(range(len(lps)), key=lps.__getitem__) == d["answer"]
-        norm = [lp / (len(c) + 1) for lp, c in zip(lps, d["choices"])]
-        acc_norm += max(range(len(lps)), key=norm.__getitem__) == d["answer"]
-    assert got == {"acc": acc / 3, "acc_norm": acc_norm / 3, "n": 3}
+        ctx = template.render(**d["fields"])
+        lls = [lm_eval_loglikelihood(hf, hf_tok, ctx, (" " if delimiter is None else delimiter) + c)
+               for c in d["choices"]]
+        for name, length in (("acc", lambda c: 1), ("acc_norm", len), ("acc_bytes", lambda c: len(c.encode()))):
+            scores = [ll / length(c) for ll, c in zip(lls, d["choices"])]
+            hits[name] += max(range(len(scores)), key=scores.__getitem__) == d["answer"]
+    assert got == {**{k: v / 4 for k, v in hits.items()}, "n": 4}
+
+
+def test_choice_prompt_errors_are_one_line(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n")
+    items = read_choice_file(str(path))
+    with pytest.raises(UserError, match="question 1: --choice-prompt cannot be rendered .*'subject' is undefined"):
+        score_choices(None, TOK, items, prompt="{{subject}}: {{question}}", path=str(path))
+    with pytest.raises(UserError, match="--choice-prompt does not parse"):
+        score_choices(None, TOK, items, prompt="{{question", path=str(path))
 
 
 def test_continuation_example_masks_context():

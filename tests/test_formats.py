@@ -3,7 +3,6 @@ DATASETS.md, LLaMA-Factory's data/README.md, OpenAI's chat format): the exact lo
 every refusal one line naming the file, the record and the field, unused fields named in a note, the
 counts line, and the reliability cases (surrogates, U+2028, nesting, directories, huge lines)."""
 import json
-import os
 
 import pytest
 

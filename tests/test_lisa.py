@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import subprocess
+import sys
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from nanolisa.adamw import AdamW
 from nanolisa.config import ModelConfig
 from nanolisa.errors import UserError
-from nanolisa.lisa import LISA
+from nanolisa.lisa import GRADNORM_DECAY, GRADNORM_FLOOR, LISA
+from tests.helpers import ROOT
 
 V = 64
 
@@ -37,11 +43,13 @@ def tiny(n_layers: int = 6, tie: bool = False, model_type: str = "llama", seed: 
     return model
 
 
-def train_step(model, opt, step: int) -> None:
+def train_step(model, opt, step: int, lisa: LISA | None = None) -> None:
     g = torch.Generator().manual_seed(1000 + step)
     x = torch.randint(0, V, (2, 12), generator=g)
     logits = model(x[:, :-1])  # (B, T-1, V): next-token loss
     F.cross_entropy(logits.reshape(-1, V), x[:, 1:].reshape(-1)).backward()
+    if lisa is not None:
+        lisa.measure()  # gradnorm's measurement, where the trainer takes it: after backward, before the step
     opt.step()
     opt.zero_grad()
 
@@ -164,34 +172,233 @@ def test_schedule_is_uniform():
     assert all(abs(c - 500) < 4 * (2000 * 0.25 * 0.75) ** 0.5 for c in counts)  # within 4 sigma
 
 
-def test_state_dict_round_trip_resumes_exactly():
-    """Model + AdamW + LISA checkpoint at step 13, resume: same schedule and bit-identical weights."""
+def binomial_ok(count: int, n: int, p: float) -> bool:
+    """count is within 4 standard deviations of n draws with probability p."""
+    return abs(count - n * p) <= 4 * (n * p * (1 - p)) ** 0.5 + 1e-9
+
+
+def test_weighted_sampling_follows_the_probabilities():
+    """gamma = 1: each block comes up with its (normalised) probability; a block of weight 0 never does."""
+    probs = [1, 0, 2, 3, 4]  # normalised: 0.1, 0, 0.2, 0.3, 0.4
+    lisa = LISA(Stub(), n_layers=1, interval=1, seed=0, sampling="weighted", probs=probs)
+    n = 4000
+    for step in range(n):
+        lisa.maybe_switch(step)
+    counts = Counter(a[0] for _, a in lisa.history)
+    assert counts[1] == 0
+    assert all(binomial_ok(counts[i], n, w / 10) for i, w in enumerate(probs)), counts
+
+
+def test_weighted_sampling_of_two_blocks_draws_one_after_the_other():
+    """gamma = 2: the set {i, j} comes up with p_i p_j / (1 - p_i) + p_j p_i / (1 - p_j), as documented (one
+    pick, then one among the rest, renormalised). Uniform sampling would give every pair 1/6."""
+    p = [0.1, 0.2, 0.3, 0.4, 0.0]
+    lisa = LISA(Stub(), n_layers=2, interval=1, seed=1, sampling="weighted", probs=p)
+    n = 4000
+    for step in range(n):
+        lisa.maybe_switch(step)
+    counts = Counter(tuple(a) for _, a in lisa.history)
+    assert all(4 not in pair and len(set(pair)) == 2 for pair in counts)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            expected = p[i] * p[j] / (1 - p[i]) + p[j] * p[i] / (1 - p[j])
+            assert binomial_ok(counts[(i, j)], n, expected), ((i, j), counts[(i, j)], n * expected)
+
+
+def set_block_grads(stub: Stub, lisa: LISA, norms: list[float]) -> None:
+    """Give each active block of the stub a gradient whose L2 norm is norms[block]."""
+    for i in lisa.active:
+        block = stub.blocks[i]
+        block.weight.grad = torch.zeros(2, 2)
+        block.weight.grad[0, 0] = norms[i]
+        block.bias.grad = torch.zeros(2)
+
+
+def run_gradnorm(norms: list[float], steps: int, seed: int = 0, n_layers: int = 1) -> LISA:
+    stub = Stub()
+    lisa = LISA(stub, n_layers=n_layers, interval=1, seed=seed, sampling="gradnorm")
+    for step in range(steps):
+        torch.rand(3), random.random()  # other consumers of the global RNGs change nothing
+        lisa.maybe_switch(step)
+        set_block_grads(stub, lisa, norms)
+        lisa.measure()
+    return lisa
+
+
+def test_gradnorm_samples_in_proportion_to_the_gradient_norm_with_a_floor():
+    """Once every block has been measured, block i comes up with (1 - f) g_i / sum g + f / L: the block
+    whose gradient is 0 still comes up with f / L."""
+    norms = [0.0, 1.0, 2.0, 3.0, 4.0]
+    burn_in, n = 200, 4000
+    lisa = run_gradnorm(norms, burn_in + n)
+    assert lisa.estimate == norms  # a constant norm: every running mean is exactly that norm
+    f, L = GRADNORM_FLOOR, len(norms)
+    expected = [(1 - f) * g / sum(norms) + f / L for g in norms]
+    assert lisa.gradnorm_probs() == pytest.approx(expected)
+    counts = Counter(a[0] for _, a in lisa.history[burn_in:])
+    assert all(binomial_ok(counts[i], n, expected[i]) for i in range(L)), (counts, expected)
+
+
+def test_gradnorm_estimate_is_a_running_mean_measured_only_while_active():
+    stub = Stub()
+    lisa = LISA(stub, n_layers=1, interval=2, seed=0, sampling="gradnorm")
+    lisa.maybe_switch(0)
+    (a,) = lisa.active
+    for step, g in ((0, 1.0), (1, 3.0)):
+        lisa.maybe_switch(step)
+        set_block_grads(stub, lisa, [g] * 5)
+        lisa.measure()
+    set_block_grads(stub, lisa, [float("inf")] * 5)  # a step the fp16 GradScaler skips: not counted
+    lisa.measure()
+    lisa.maybe_switch(2)  # the interval's mean norm, 2, becomes block a's estimate
+    assert lisa.estimate == [2.0 if i == a else None for i in range(5)]
+    assert lisa.gradnorm_probs() == [0.2] * 5  # blocks not yet measured count as the largest estimate
+    (b,) = lisa.active
+    set_block_grads(stub, lisa, [6.0] * 5)
+    lisa.measure()
+    lisa.maybe_switch(4)
+    assert lisa.estimate[b] == (6.0 if b != a else GRADNORM_DECAY * 2.0 + (1 - GRADNORM_DECAY) * 6.0)
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "weighted", "gradnorm"])
+def test_every_policy_is_a_function_of_the_seed(sampling):
+    """Same seed, same schedule (whatever else draws from the global RNGs); another seed, another one."""
+    def schedule(seed):
+        if sampling == "gradnorm":
+            return run_gradnorm([0.5, 1.0, 2.0, 3.0, 4.0], 60, seed=seed, n_layers=2).history
+        lisa = LISA(Stub(), n_layers=2, interval=1, seed=seed, sampling=sampling,
+                    probs=[1, 2, 3, 4, 5] if sampling == "weighted" else None)
+        for step in range(60):
+            torch.rand(3), random.random()
+            lisa.maybe_switch(step)
+        return lisa.history
+
+    a = schedule(7)
+    assert a == schedule(7) and a != schedule(8)
+    assert all(len(set(act)) == 2 for _, act in a)
+
+
+@pytest.mark.parametrize("probs, message", [
+    (None, "one probability per block"), ([1, 2], "one probability per block"),
+    ([1, -1, 1, 1, 1], "must be >= 0"), ([0, 0, 0, 0, 1], "at least 2"), ([1, float("nan"), 1, 1, 1], ">= 0"),
+])
+def test_bad_weighted_probabilities_raise_user_error(probs, message):
+    with pytest.raises(UserError, match=message):
+        LISA(Stub(), n_layers=2, interval=1, sampling="weighted", probs=probs)
+
+
+@pytest.mark.multiprocess
+def test_gradnorm_estimates_are_global_and_the_same_on_every_rank():
+    """2 ranks on gloo: under FSDP2 a block's gradient norm is summed over the shards (each rank alone holds
+    about 1/sqrt(2) of it), under DDP the gradients are already whole. Either way every rank ends with the
+    single process's estimates and draws the same blocks."""
+    script = os.path.join(ROOT, "tests", "lisa_gradnorm_probe.py")
+    one = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          script], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    ref = [json.loads(line) for line in one.stdout.splitlines() if line.startswith("{")][0]
+    rows = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+    assert sorted((r["parallel"], r["rank"]) for r in rows) == [("ddp", 0), ("ddp", 1), ("fsdp", 0), ("fsdp", 1)]
+    assert sum(e is not None for e in ref["estimate"]) >= 3  # the estimates steered the later draws
+    for parallel in ("fsdp", "ddp"):
+        ranks = [r for r in rows if r["parallel"] == parallel]
+        assert ranks[0]["estimate"] == ranks[1]["estimate"], parallel  # bit for bit
+        for r in ranks:
+            assert r["history"] == ref["history"], parallel
+            assert [e is None for e in r["estimate"]] == [e is None for e in ref["estimate"]]
+            assert all(abs(a - b) <= 1e-5 * b for a, b in zip(r["estimate"], ref["estimate"]) if b is not None), \
+                (parallel, r["estimate"], ref["estimate"])
+
+
+POLICIES = {"uniform": {}, "weighted": {"probs": [1, 0, 2, 3, 1, 5]}, "gradnorm": {}}
+
+
+@pytest.mark.parametrize("sampling", list(POLICIES))
+def test_state_dict_round_trip_resumes_exactly(sampling):
+    """Model + AdamW + LISA checkpoint at step 13 (mid-interval: gradnorm has norms not yet folded in),
+    resume: same schedule, same estimates and bit-identical weights, for every sampling policy."""
     total, cut = 24, 13
+    kw = dict(n_layers=2, interval=3, sampling=sampling, **POLICIES[sampling])
     ref = tiny()
-    lisa = LISA(ref, n_layers=2, interval=3, seed=11)
+    lisa = LISA(ref, seed=11, **kw)
     opt = AdamW(ref.parameters(), lr=1e-2)
     for step in range(total):
         lisa.maybe_switch(step, opt)
-        train_step(ref, opt, step)
+        train_step(ref, opt, step, lisa)
         if step == cut - 1:
             buf = io.BytesIO()
             torch.save({"model": ref.state_dict(), "opt": opt.state_dict()}, buf)
             lisa_sd = json.loads(json.dumps(lisa.state_dict()))  # plain types: survives JSON too
+    if sampling == "gradnorm":
+        assert lisa_sd["pending_norms"] is not None and any(lisa_sd["pending_norms"][1])
+        assert sum(e is not None for e in lisa.estimate) >= 3  # the estimates steered the later draws
 
     model = tiny(seed=99)  # different init, overwritten by the checkpoint
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
     model.load_state_dict(ckpt["model"])
-    resumed = LISA(model, n_layers=2, interval=3, seed=0)  # seed comes from the checkpoint
+    resumed = LISA(model, seed=0, **kw)  # seed comes from the checkpoint
     opt2 = AdamW(model.parameters(), lr=1e-2)
     resumed.load_state_dict(lisa_sd, opt2)
     opt2.load_state_dict(ckpt["opt"])
     for step in range(cut, total):
         resumed.maybe_switch(step, opt2)
-        train_step(model, opt2, step)
+        train_step(model, opt2, step, resumed)
     assert resumed.history == lisa.history
+    assert resumed.state_dict() == lisa.state_dict()
     for (n, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+class Stop(Exception):
+    """Stands in for a kill right after a checkpoint."""
+
+
+@pytest.mark.parametrize("sampling, probs", [("weighted", [1.0, 2.0, 0.0, 4.0]), ("gradnorm", None)])
+def test_train_resumes_each_sampling_policy_bit_exactly(tmp_path, monkeypatch, sampling, probs):
+    """train.py's loop, stopped right after the step-5 checkpoint (mid-interval: gradnorm holds norms not yet
+    folded in) and resumed, ends with the weights and schedule of the run that was never stopped. (The
+    kill-and-resume test in test_train.py covers uniform sampling.)"""
+    import nanolisa.trainer as trainer
+    from nanolisa.demo_data import TASKS, task_pairs
+    from nanolisa.train_config import TrainConfig
+
+    data = tmp_path / "data.json"  # 64 demo examples, one epoch of the 16 steps (the demo: 20000, ~1 s)
+    data.write_text(json.dumps({"type": "text2text", "instances": [{"input": p, "output": a}
+                                                                   for p, a in task_pairs(TASKS, 64, seed=0)]}))
+
+    def cfg(out: str, **kw) -> TrainConfig:
+        return TrainConfig(out=str(tmp_path / out), data=str(data), steps=16, interval=2, save_every=5, eval_every=0,
+                           batch_size=4, seq_len=64, plot=False, quiet=True, lisa_sampling=sampling,
+                           lisa_probs=probs, **kw)
+
+    trainer.train(cfg("straight"))
+    real_save = trainer.save_checkpoint
+
+    def save_then_stop(*args, **kw):
+        path = real_save(*args, **kw)
+        if args[1] == 5:
+            raise Stop
+        return path
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        trainer.train(cfg("stopped"))
+    monkeypatch.undo()
+    state = json.load(open(tmp_path / "stopped" / "checkpoints" / "step-0000005" / "trainer_state.json"))["lisa"]
+    if sampling == "gradnorm":
+        assert state["pending_norms"] is not None and any(e is not None for e in state["estimate"])
+    trainer.train(cfg("stopped", resume=True))
+
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("straight", "stopped"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")]  # noqa: E731
+    assert [(r["loss"], r["active"]) for r in rows("straight")] == [(r["loss"], r["active"]) for r in rows("stopped")]
+    if sampling == "weighted":
+        assert all(2 not in r["active"] for r in rows("straight"))
 
 
 @pytest.mark.parametrize("n_layers,interval", [(-1, 5), (7, 5), (2, 0), (2, -3)])

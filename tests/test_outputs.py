@@ -14,7 +14,7 @@ import nanolisa
 from nanolisa.tokenizer import TOKENIZER_FILES, load_tokenizer
 from nanolisa.train_config import TrainConfig
 from nanolisa.trainer import train
-from tests.test_tokenizer import CHATML, CORPUS, train_sentencepiece
+from tests.helpers import CHATML, CORPUS, train_sentencepiece
 
 QUICK = dict(steps=2, batch_size=4, seq_len=48, eval_every=0, save_every=0, plot=False, quiet=True)
 

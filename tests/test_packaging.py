@@ -1,5 +1,6 @@
 """nanolisa as pip installs it: the `nanolisa` console script and `python -m nanolisa` run every tool, and
-the wheel holds the CLI package and the tiny preset's files, built without setuptools warnings."""
+the wheel holds the CLI package, the tiny preset's files and the MIT LICENSE, built without setuptools
+warnings, with the version nanolisa.__version__ says."""
 import importlib.metadata
 import os
 import shutil
@@ -11,7 +12,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-TOOLS = ["train", "chat", "eval", "merge"]
+TOOLS = ["train", "chat", "eval", "merge", "preset"]
 
 
 def installed_script() -> str:
@@ -54,9 +55,15 @@ def test_wheel_has_the_cli_and_the_tiny_preset_and_builds_without_warnings(tmp_p
     r = subprocess.run([sys.executable, "-c", "from setuptools import build_meta as b; print(b.build_wheel('dist'))"],
                        cwd=src, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    for warning in ("absent from the `packages`", "Package would be ignored", "SetuptoolsDeprecationWarning"):
+    for warning in ("absent from the `packages`", "Package would be ignored", "SetuptoolsDeprecationWarning", "!!"):
         assert warning not in r.stdout + r.stderr, warning
-    names = zipfile.ZipFile(src / "dist" / r.stdout.strip().splitlines()[-1]).namelist()
+    wheel = zipfile.ZipFile(src / "dist" / r.stdout.strip().splitlines()[-1])
+    names = wheel.namelist()
+    import nanolisa
+    info = f"nanolisa-{nanolisa.__version__}.dist-info"
+    metadata = wheel.read(f"{info}/METADATA").decode()
+    assert f"\nVersion: {nanolisa.__version__}\n" in metadata and "\nLicense-Expression: MIT\n" in metadata
+    assert wheel.read(f"{info}/licenses/LICENSE") == open(os.path.join(ROOT, "LICENSE"), "rb").read()
     tiny = sorted(n for n in names if n.startswith("nanolisa/assets/tiny/"))
     assert tiny == [f"nanolisa/assets/tiny/{f}" for f in sorted(os.listdir(os.path.join(ROOT, "nanolisa/assets/tiny")))]
     assert all(f"nanolisa/cli/{t}.py" in names for t in TOOLS) and "nanolisa/__main__.py" in names

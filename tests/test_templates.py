@@ -376,3 +376,161 @@ def test_hostile_template_is_one_line_not_a_hang_or_a_traceback(source, tok, mon
     with pytest.raises(UserError, match=re.escape(HOSTILE[source])) as e:
         render_chat(conversation(), tok, template=source)
     assert "\n" not in str(e.value)
+
+
+# ---- the families' own templates, as published -------------------------------------------------------------
+# Written here as data, character for character, from llama.cpp's copies of the checkpoints' templates
+# (github.com/ggml-org/llama.cpp, models/templates/): Qwen-Qwen3-0.6B.jinja, google-gemma-2-2b-it.jinja,
+# microsoft-Phi-3.5-mini-instruct.jinja; Gemma 3's from google/gemma-3-1b-it's tokenizer_config.json (the
+# same text as quoted in several public repositories; llama.cpp keeps no copy of it).
+QWEN3 = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0].role == 'system' %}\n"
+    "        {{- messages[0].content + '\\n\\n' }}\n    {%- endif %}\n    {{- \"# Tools\\n\\nYou may call one or more "
+    "functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> "
+    "XML tags:\\n<tools>\" }}\n    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n"
+    "    {%- endfor %}\n    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name "
+    "and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, "
+    "\\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n"
+    "    {%- if messages[0].role == 'system' %}\n        {{- '<|im_start|>system\\n' + messages[0].content + "
+    "'<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n"
+    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}\n"
+    "{%- for message in messages[::-1] %}\n    {%- set index = (messages|length - 1) - loop.index0 %}\n"
+    "    {%- if ns.multi_step_tool and message.role == \"user\" and not(message.content.startswith('<tool_response>') "
+    "and message.content.endswith('</tool_response>')) %}\n        {%- set ns.multi_step_tool = false %}\n"
+    "        {%- set ns.last_query_index = index %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{%- for message in messages %}\n    {%- if (message.role == \"user\") or (message.role == \"system\" and not "
+    "loop.first) %}\n        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- elif message.role == \"assistant\" %}\n        {%- set content = message.content %}\n"
+    "        {%- set reasoning_content = '' %}\n        {%- if message.reasoning_content is defined and "
+    "message.reasoning_content is not none %}\n            {%- set reasoning_content = message.reasoning_content %}\n"
+    "        {%- else %}\n            {%- if '</think>' in message.content %}\n"
+    "                {%- set content = message.content.split('</think>')[-1].lstrip('\\n') %}\n"
+    "                {%- set reasoning_content = message.content.split('</think>')[0].rstrip('\\n')"
+    ".split('<think>')[-1].lstrip('\\n') %}\n            {%- endif %}\n        {%- endif %}\n"
+    "        {%- if loop.index0 > ns.last_query_index %}\n            {%- if loop.last or (not loop.last and "
+    "reasoning_content) %}\n                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + "
+    "reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}\n            {%- else %}\n"
+    "                {{- '<|im_start|>' + message.role + '\\n' + content }}\n            {%- endif %}\n"
+    "        {%- else %}\n            {{- '<|im_start|>' + message.role + '\\n' + content }}\n        {%- endif %}\n"
+    "        {%- if message.tool_calls %}\n            {%- for tool_call in message.tool_calls %}\n"
+    "                {%- if (loop.first and content) or (not loop.first) %}\n                    {{- '\\n' }}\n"
+    "                {%- endif %}\n                {%- if tool_call.function %}\n"
+    "                    {%- set tool_call = tool_call.function %}\n                {%- endif %}\n"
+    "                {{- '<tool_call>\\n{\"name\": \"' }}\n                {{- tool_call.name }}\n"
+    "                {{- '\", \"arguments\": ' }}\n                {%- if tool_call.arguments is string %}\n"
+    "                    {{- tool_call.arguments }}\n                {%- else %}\n"
+    "                    {{- tool_call.arguments | tojson }}\n                {%- endif %}\n"
+    "                {{- '}\\n</tool_call>' }}\n            {%- endfor %}\n        {%- endif %}\n"
+    "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}\n"
+    "        {%- if loop.first or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
+    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
+    "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
+    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}\n{%- endif %}")
+GEMMA2 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+GEMMA3 = (
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\\n'}}\n{%- endif -%}\n")
+PHI35 = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+FAMILY_MARKERS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<start_of_turn>", "<end_of_turn>",
+                  "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+THINK = [("What is 12+7?", "<think>\nAdd the units.\n</think>\n\n19"),
+         ("And 3*3?", "<think>\nA square.\n</think>\n\n9"),
+         ("Unicode? 世界", "<think>\nJust greet.\n</think>\n\nOui: ünï 🙂")]
+
+
+def family_tokenizer(tmp_path, source):
+    """The tiny tokenizer with the families' turn markers as special tokens and `source` as its chat template,
+    saved, and loaded by nanolisa and by transformers."""
+    from tokenizers import AddedToken
+    t = load_tokenizer(TINY_DIR)
+    t.backend.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in FAMILY_MARKERS])
+    t.save(str(tmp_path))
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = source
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return load_tokenizer(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+
+
+def chat(turns, system=None):
+    msgs = [{"role": "system", "content": system}] if system else []
+    for u, a in turns:
+        msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+    return msgs
+
+
+@pytest.mark.parametrize("source,system,end", [(GEMMA2, False, "<end_of_turn>"), (GEMMA3, True, "<end_of_turn>"),
+                                               (PHI35, True, "<|end|>"), (QWEN3, True, "<|im_end|>")])
+def test_family_templates_as_published_mask_the_replies(source, system, end, tmp_path):
+    ours, ref = family_tokenizer(tmp_path, source)
+    msgs = chat(TURNS, SYSTEM if system else None)
+    for gen in (False, True):
+        prompt = msgs[:-1] if gen else msgs
+        assert render_chat(prompt, ours, add_generation_prompt=gen) == \
+            ref.apply_chat_template(prompt, tokenize=False, add_generation_prompt=gen)
+    ids, labels = tokenize_chat(msgs, ours)
+    assert ids == ref.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+    # each reply and its end of turn, nothing of "<start_of_turn>model", "<|assistant|>", ... (Qwen3 writes an
+    # empty <think> block before the last reply: prompt, as the non-thinking generation prompt writes it)
+    assert [ours.decode(r) for r in labelled_runs(ids, labels)] == [a.strip() + end for _, a in TURNS]
+
+
+def test_gemma2_refuses_a_system_role_in_one_line(tmp_path):
+    ours, _ = family_tokenizer(tmp_path, GEMMA2)
+    with pytest.raises(UserError, match="^chat template error: System role not supported$"):
+        tokenize_chat(chat(TURNS, SYSTEM), ours)
+
+
+def test_qwen3_trains_the_reasoning_it_keeps_and_not_the_reasoning_it_drops(tmp_path):
+    """Qwen3's template keeps the <think> block only in replies after the last user turn and drops it from
+    earlier ones: those are trained as "answer<|im_end|>", the last as the whole block and answer -- what the
+    model generates after "<|im_start|>assistant\\n"."""
+    ours, ref = family_tokenizer(tmp_path, QWEN3)
+    msgs = chat(THINK, SYSTEM)
+    text = render_chat(msgs, ours)
+    assert text == ref.apply_chat_template(msgs, tokenize=False)
+    assert "Add the units" not in text and "A square" not in text and "Just greet" in text  # as the template does
+    ids, labels = tokenize_chat(msgs, ours)
+    runs = [ours.decode(r) for r in labelled_runs(ids, labels)]
+    assert runs == ["19<|im_end|>", "9<|im_end|>", "<think>\nJust greet.\n</think>\n\nOui: ünï 🙂<|im_end|>"]
+    # a multi-step tool turn after the last user message keeps its reasoning too
+    steps = msgs[:-1] + [{"role": "assistant", "content": "<think>\nLook it up.\n</think>\n\nChecking.",
+                          "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                            "arguments": {"city": "Oslo"}}}]},
+                         {"role": "tool", "content": "{\"temp\": 3}"},
+                         {"role": "assistant", "content": "<think>\nCold.\n</think>\n\n3 degrees."}]
+    ids, labels = tokenize_chat(steps, ours, tools=TOOLS)
+    assert ids == ref.apply_chat_template(steps, tools=TOOLS, tokenize=True, return_dict=True)["input_ids"]
+    runs = [ours.decode(r) for r in labelled_runs(ids, labels)]
+    assert runs[2:] == ["<think>\nLook it up.\n</think>\n\nChecking.\n<tool_call>\n{\"name\": \"get_weather\", "
+                        "\"arguments\": {\"city\": \"Oslo\"}}\n</tool_call><|im_end|>",
+                        "<think>\nCold.\n</think>\n\n3 degrees.<|im_end|>"]

@@ -13,17 +13,9 @@ import pytest
 
 from nanolisa.errors import UserError
 from nanolisa.tokenizer import TINY_DIR, TOKENIZER_FILES, build_tiny_tokenizer, load_tokenizer
+from tests.helpers import CHATML, CORPUS, train_sentencepiece
 
 transformers = pytest.importorskip("transformers")
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Hello world! How are you doing today?",
-    "Large language models are trained on lots of text.",
-    "Fine-tuning adapts a model to a task with a few examples.",
-    "Numbers like 12 + 7 = 19 and 100 - 1 = 99 appear too.",
-    "Reverse the string abc to get cba. Ünïcödé: 世界, emoji 🙂.",
-]
 
 SAMPLES = [
     "Hello world",
@@ -35,10 +27,6 @@ SAMPLES = [
     "",
     "zzzz qqqq unseen-words!!",
 ]
-
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
 
 @pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory):
@@ -120,16 +108,6 @@ def fuzz_texts(n=400, seed=0):
     rng = random.Random(seed)
     alphabet = [" ", " ", " ", "\t", "\n", "a", "The", "fox", "1", "23", "é", "世", "🙂", "▁", "ﬁ", "\u3000"]
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(n)]
-
-
-def train_sentencepiece(d, corpus, **kw):
-    spm = pytest.importorskip("sentencepiece")
-    (d / "corpus.txt").write_text("\n".join(corpus))
-    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"),
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, **kw)
-    os.remove(d / "corpus.txt")
-    os.remove(d / "tokenizer.vocab")
-    return str(d)
 
 
 @pytest.fixture(scope="module", params=["llama-bpe", "whitespace-bpe", "nfkc-unigram"])

@@ -56,7 +56,10 @@ def test_lisa_changes_only_active_blocks_between_switches(tmp_path):
 
 
 def test_kill_and_resume_is_bit_exact(tmp_path):
-    args = ["--steps", "40", "--save-every", "5", "--interval", "3", "--eval-every", "0", *QUICK]
+    """SIGKILL mid-run, then --resume from the last periodic checkpoint: bit-identical to the straight run.
+    In fp16, so the loss scaler's state must come back too (fp32 resumes are tested bit-exact after SIGTERM
+    and Ctrl-C in tests/test_run_dir.py, and under torchrun in tests/test_distributed.py)."""
+    args = ["--steps", "40", "--save-every", "5", "--interval", "3", "--eval-every", "0", "--dtype", "fp16", *QUICK]
     run_train(*args, "--out", str(tmp_path / "straight"))
 
     out = tmp_path / "killed"
