@@ -30,7 +30,7 @@ One line per component (each is one function below, so a change in how a run hol
                frozen with nothing below to differentiate -- and adds them up over the real number of
                blocks, so 80 blocks cost no more to plan than 4. For a Llama block in fp32 on CPU this
                comes to (9C + 3H) floats per token trained and (5C + 2H) frozen -- a frozen Linear keeps
-               no input, the gated MLP recomputes act(gate) (C the width, H the MLP's; the CPU's attention
+               no input, the gated MLP recomputes act(gate) from width 512 up (C the width, H the MLP's; the CPU's attention
                expands grouped keys and values to every head; nanolisa/activation_memory.py) -- and with
                --grad-checkpointing (or --checkpoint-frozen, for frozen blocks) to the block's input, C
                floats per token, plus one block recomputed in backward. Under bf16 autocast every trained

@@ -69,7 +69,7 @@ def train(model, method: str, steps: int, amp: bool) -> dict[str, torch.Tensor]:
     ("lisa", False, True, "gemma2"), ("lora", True, False, "llama"), ("lisa", True, True, "gpt2")])
 def test_bit_identical_to_the_plain_model(method, amp, ckpt, family):
     plain = small(family)
-    leaned = lean(copy.deepcopy(plain), checkpoint_frozen=ckpt)
+    leaned = lean(copy.deepcopy(plain), checkpoint_frozen=ckpt, min_width=0)
     assert isinstance(leaned.blocks[0], LeanBlock)
     if family != "gpt2":
         assert isinstance(leaned.blocks[0].mlp, LeanMLP) and isinstance(leaned.blocks[0].mlp.down_proj, LeanLinear)
@@ -107,8 +107,8 @@ def test_what_a_frozen_block_keeps():
     plain = small()
     for b in list(plain.blocks)[1:]:
         b.requires_grad_(False)  # block 0 trains, the rest are frozen (the embedding trains)
-    leaned = lean(copy.deepcopy(plain))
-    ckpt = lean(copy.deepcopy(plain), checkpoint_frozen=True)
+    leaned = lean(copy.deepcopy(plain), min_width=0)
+    ckpt = lean(copy.deepcopy(plain), checkpoint_frozen=True, min_width=0)
     n = 2 * T  # tokens
     block_weights = sum(p.numel() for p in plain.blocks[1].parameters() if p.dim() == 2)
     for amp, item in ((False, 4), (True, 2)):
@@ -124,3 +124,17 @@ def test_what_a_frozen_block_keeps():
 def test_checkpoint_frozen_needs_a_frozen_block():
     model = lean(small(), checkpoint_frozen=True)  # full fine-tuning: nothing is frozen, nothing recomputed
     assert saved_bytes(model, False) == saved_bytes(lean(small()), False)
+
+
+def test_gated_act_only_from_the_minimum_width():
+    """GatedAct's recomputation is skipped on narrow models (where it costs time and saves little) and used
+    from RECOMPUTE_MIN_WIDTH up; the frozen-Linear and checkpointing levers apply at every width."""
+    from nanolisa.activation_memory import RECOMPUTE_MIN_WIDTH
+    narrow = lean(small())  # C = 64
+    assert not isinstance(narrow.blocks[0].mlp, LeanMLP) and isinstance(narrow.blocks[0].mlp.down_proj, LeanLinear)
+    assert isinstance(lean(small(), min_width=C).blocks[0].mlp, LeanMLP)
+    with torch.device("meta"):
+        wide = build_model(ModelConfig.from_hf(dict(
+            model_type="llama", vocab_size=V, hidden_size=RECOMPUTE_MIN_WIDTH, num_hidden_layers=1,
+            num_attention_heads=4, intermediate_size=2 * RECOMPUTE_MIN_WIDTH, max_position_embeddings=64)))
+    assert isinstance(lean(wide).blocks[0].mlp, LeanMLP)
