@@ -23,6 +23,7 @@ Usage:
   .venv/bin/python bench/run_all.py                  # shapes a and b (~45 minutes on 2 busy cores, ~20 idle)
   .venv/bin/python bench/run_all.py --shape b        # only peer_stack.py's documented example
   .venv/bin/python bench/run_all.py --shape tiny     # a seconds-long smoke run of the whole pipeline
+  .venv/bin/python bench/run_all.py --shape a --no-extra --compile   # nanolisa's rows with torch.compile
   .venv/bin/python bench/run_all.py --shape a --no-extra --malloc-mmap-threshold 1048576 \
       --out bench/side_by_side.md --png bench/side_by_side.png   # the README's table and figure (idle machine)
 """
@@ -240,6 +241,8 @@ def main() -> None:
                     help="run every process with MALLOC_MMAP_THRESHOLD_=BYTES: glibc then serves each allocation "
                          "above BYTES with its own mmap and returns it to the OS when freed, so RSS follows the "
                          "live tensors instead of glibc's heap high-water mark")
+    ap.add_argument("--compile", action="store_true", help="nanolisa's rows with --compile (torch.compile per "
+                    "block; tokens/s counts the steps after the first, LISA's recompilations at switches included)")
     ap.add_argument("--only", help="comma-separated run names to keep, e.g. nanolisa:full,nanolisa:lisa-g1")
     a = ap.parse_args()
 
@@ -266,7 +269,7 @@ def main() -> None:
             return [] if switches or shape not in SHORT_STEPS else ["--steps", str(SHORT_STEPS[shape])]
 
         def ours_cmd(k, m):
-            return k, [py, "bench/bench_train.py"] + m + args + steps(k)
+            return k, [py, "bench/bench_train.py"] + m + args + steps(k) + (["--compile"] if a.compile else [])
 
         jobs = []
         for (k, m), (pk, pm) in zip(ours, peers):  # alternating: nanolisa, then the peers, per method
