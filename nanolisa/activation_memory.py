@@ -35,9 +35,12 @@ before LoRA (LoRALinear routes its frozen base through the same FrozenLinear).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
 from nanolisa.activations import ACTIVATIONS, gelu_tanh
@@ -110,9 +113,47 @@ class GatedAct(torch.autograd.Function):
         return grad_gate, grad_up, None
 
 
+class _Recompute:
+    """What is stored for backward in place of a saved view of h = act(gate) * up: gate and up (as the hooks
+    around packed them) and the view's geometry."""
+
+    def __init__(self, gate, up, view: tuple):
+        self.gate, self.up, self.view = gate, up, view
+
+
+def recompute_hooks(h: Tensor, gate: Tensor, up: Tensor, act) -> saved_tensors_hooks:
+    """Hooks under which any saved view of h (down_proj's input, kept for its weight gradient, or a LoRA
+    adapter's) is stored as gate and up -- which GatedAct keeps anyway -- and h recomputed when backward
+    needs it, by the ops that made it (the same bits). Every other saved tensor, and gate and up themselves,
+    go to the hooks that were active around these (activation checkpointing, a memory count), if any."""
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # only the innermost hooks run
+    pack_outer, unpack_outer = outer or (lambda t: t, lambda t: t)
+    # Weak references: autograd keeps these hooks with every tensor they packed until backward, and h must
+    # not be kept alive through them. gate, h and up are alive while pack runs (down_proj's forward).
+    h_ref, gate_ref, up_ref = weakref.ref(h), weakref.ref(gate), weakref.ref(up)
+
+    def pack(t: Tensor):
+        h = h_ref()
+        if h is not None and (t is h or t._base is h):  # h, or the (B*T, H) view that linear's mm saves
+            return _Recompute(pack_outer(gate_ref()), pack_outer(up_ref()), (t.size(), t.stride(), t.storage_offset()))
+        return pack_outer(t)
+
+    def unpack(x):
+        if isinstance(x, _Recompute):
+            with torch.no_grad():
+                h = act(unpack_outer(x.gate)) * unpack_outer(x.up)  # (B, T, H), as in GatedAct's forward
+            return h.as_strided(*x.view)
+        return unpack_outer(x)
+
+    return saved_tensors_hooks(pack, unpack)
+
+
 class LeanMLP(nn.Module):
-    """model.MLP's forward with the product act(gate) * up through GatedAct (the class of every MLP whose
-    activation has a kernel in _BACKWARD is swapped to a subclass of its own class and this)."""
+    """model.MLP's forward with the product act(gate) * up through GatedAct, and down_proj's saved input
+    recomputed from gate and up (recompute_hooks): a trained down_proj (or its LoRA adapter) no longer keeps
+    h, H floats per token. The class of every MLP whose activation has a kernel in _BACKWARD is swapped to a
+    subclass of its own class and this. Under torch.compile the hooks are left out: inductor's partitioner
+    chooses what to recompute itself."""
 
     def forward(self, x: Tensor) -> Tensor:
         if hasattr(self, "gate_up_proj"):
@@ -120,7 +161,11 @@ class LeanMLP(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)  # 2 x (B, T, H)
         if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-            return self.down_proj(GatedAct.apply(gate, up, self.act_fn))
+            h = GatedAct.apply(gate, up, self.act_fn)  # (B, T, H)
+            if torch.compiler.is_compiling():
+                return self.down_proj(h)
+            with recompute_hooks(h, gate, up, self.act_fn):
+                return self.down_proj(h)
         return self.down_proj(self.act_fn(gate) * up)
 
 

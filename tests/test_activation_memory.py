@@ -113,8 +113,9 @@ def test_what_a_frozen_block_keeps():
     block_weights = sum(p.numel() for p in plain.blocks[1].parameters() if p.dim() == 2)
     for amp, item in ((False, 4), (True, 2)):
         p, lb, cb = saved_bytes(plain, amp), saved_bytes(leaned, amp), saved_bytes(ckpt, amp)
-        # GatedAct: act(gate) no longer kept, in trained and frozen blocks alike (H values per token)
-        assert p[0] - lb[0] == n * H * item
+        # GatedAct: act(gate) no longer kept, in trained and frozen blocks alike (H values per token); in a
+        # trained block down_proj's input act(gate) * up is recomputed too (another H)
+        assert p[0] - lb[0] == 2 * n * H * item
         # a frozen Linear under bf16 autocast no longer keeps the bf16 copy of its weight
         assert p[1] - lb[1] == n * H * item + (2 * block_weights if amp else 0)
         # a checkpointed frozen block keeps its input only: (B, T, C) in the residual stream's fp32
@@ -138,3 +139,31 @@ def test_gated_act_only_from_the_minimum_width():
             model_type="llama", vocab_size=V, hidden_size=RECOMPUTE_MIN_WIDTH, num_hidden_layers=1,
             num_attention_heads=4, intermediate_size=2 * RECOMPUTE_MIN_WIDTH, max_position_embeddings=64)))
     assert isinstance(lean(wide).blocks[0].mlp, LeanMLP)
+
+
+@pytest.mark.parametrize("grad_ckpt,amp", [(False, False), (True, False), (True, True)])
+def test_full_fine_tuning_recomputes_down_projs_input_bit_identically(grad_ckpt, amp):
+    """Every block trains: down_proj's input is stored as gate and up and recomputed in backward, also when
+    activation checkpointing's own hooks are around it (they then receive gate and up)."""
+    plain = small()
+    plain.gradient_checkpointing = grad_ckpt
+    leaned = lean(copy.deepcopy(plain), min_width=0)
+    start = {k: v.clone() for k, v in plain.state_dict().items()}
+    results = []
+    for model in (plain, leaned):
+        opt = AdamW(param_groups(model, weight_decay=0.0), lr=1e-2, weight_decay=0.0)
+        g = torch.Generator().manual_seed(7)
+        for _ in range(3):
+            ids = torch.randint(0, V, (2, T), generator=g)
+            with torch.autocast("cpu", dtype=torch.bfloat16) if amp else nullcontext():
+                loss = next_token_nll(model, ids, ids).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results.append(model.state_dict())
+    want, got = results
+    assert all(not torch.equal(want[k], start[k]) for k in want)  # every tensor trained
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    if not grad_ckpt:
+        assert saved_bytes(leaned, amp)[0] < saved_bytes(plain, amp)[0]
