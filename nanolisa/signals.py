@@ -152,6 +152,7 @@ def lost_rank(rank: int, ranks: list[tuple[str, int]], wait: float = 5.0) -> Use
     machine whose process has ended (waiting up to `wait` seconds for it to finish exiting). When this rank's
     own launcher is gone, that is the cause (the other rank saw it first), and the line says so."""
     if launcher_gone(rank):
+        time.sleep(2)  # watch_launcher's thread says so and ends the process within a second: one line, not two
         return UserError(launcher_gone(rank))
     host = socket.gethostname()
     local = [(r, pid) for r, (h, pid) in enumerate(ranks) if h == host and r != rank]

@@ -3,6 +3,8 @@ TEMP_ELEMENTS (2**22), against torch.optim.AdamW on the same sharded model and o
 Rank 0 prints one JSON line: the largest difference of each run from the unsharded torch run, and how far
 the weights moved."""
 import json
+import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -46,3 +48,10 @@ for name, opt_class in (("nanolisa", AdamW), ("torch", torch.optim.AdamW)):
 if world.is_main:
     print(json.dumps(rows), flush=True)
 close_world()
+# Leave without the interpreter's teardown: there, destroying what still refers to gloo's process groups
+# aborted rank 0 twice under CI load ("terminate called without an active exception"), after the results
+# above were printed. The results are flushed; nothing else is left to do.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
+
