@@ -4,7 +4,7 @@
 A block that LISA freezes needs its weights only for the forward and the input gradient, which bf16 autocast
 computes in bf16 anyway; its fp32 copy matters only for the updates it gets when it is active again. Keeping
 the frozen blocks in bf16 saves 2 bytes per frozen weight (at Llama-2-7B with gamma = 2: 2 x 30/32 x 6.5e9 =
-12.2 GB), and rounds each block's fp32 weights to bf16 whenever it is frozen. This measures what that does
+12.1 GB), and rounds each block's fp32 weights to bf16 whenever it is frozen. This measures what that does
 to the result: the demo recipe (`train.py --dtype bf16 --seed S`), as it is and with every block that LISA
 freezes cast to bf16 at the switch (and back to fp32 when it is drawn again), then the held-out loss and
 exact match. The cast is patched into LISA here, not offered as a flag: bench/RESULTS.md has the figures.
