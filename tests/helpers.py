@@ -76,9 +76,10 @@ def labelled_runs(ids, labels):
 
 
 # A Llama whose weight matrices (all but attention's) are larger than every size threshold in the code --
-# AdamW's TEMP_ELEMENTS (2**22 elements), the fused loss's chunking -- so tests see what a real model does:
-# the embedding and head are 32000 x 256 = 8.2M elements, each MLP matrix 256 x 16448 = 4.2M.
-BIG = dict(vocab_size=32000, hidden_size=256, intermediate_size=16448, num_hidden_layers=2,
+# AdamW's TEMP_ELEMENTS (2**22 elements), the fused loss's chunking, activation_memory's RECOMPUTE_MIN_WIDTH
+# (512) -- so tests see what a real model does: the embedding and head are 16384 x 512 = 8.4M elements, each
+# MLP matrix 512 x 8448 = 4.3M.
+BIG = dict(vocab_size=16384, hidden_size=512, intermediate_size=8448, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=2)
 
 
