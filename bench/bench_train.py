@@ -146,8 +146,8 @@ def main() -> None:
                     help="recompute each block's activations in backward (not in peer_stack.py; off by default)")
     ap.add_argument("--checkpoint-frozen", action="store_true",
                     help="LISA: recompute the frozen blocks' activations in backward (train.py --checkpoint-frozen)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each block (train.py --compile); "
-                    "tokens/s counts the steps after the first, which compiles")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block and AdamW's per-tensor "
+                    "step (train.py --compile); tokens/s counts the steps after the first, which compiles")
     ap.add_argument("--plain", action="store_true",
                     help="model.py's plain autograd, without nanolisa/activation_memory.py (the 'before' figures)")
     a = ap.parse_args()
@@ -176,6 +176,9 @@ def main() -> None:
         mark_only_lora_trainable(model)
     # Over ALL parameters, as trainer.py does: AdamW keeps state only for those with a gradient.
     opt = AdamW(param_groups(model, weight_decay=0.0), lr=a.lr, weight_decay=0.0)
+    if a.compile:  # as trainer.setup does: AdamW's step per tensor, one fused pass
+        from nanolisa.kernels.compile import compile_adamw
+        compile_adamw(opt)
 
     # Weights + grads + AdamW m and v, in theory. The trainable set is the largest one seen over the run
     # (for LISA it changes at every switch; blocks are the same size, so any step is representative).

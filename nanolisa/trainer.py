@@ -56,7 +56,7 @@ from nanolisa.errors import UserError
 from nanolisa.evaluate import nll, write_training_args
 from nanolisa.files import wait_for_removals, write_failure
 from nanolisa.kernels import use_kernels
-from nanolisa.kernels.compile import compile_blocks
+from nanolisa.kernels.compile import compile_adamw, compile_blocks
 from nanolisa.lisa import LISA
 from nanolisa.lora import apply_lora, mark_only_lora_trainable, merge_lora, save_adapter
 from nanolisa.loss import count_loss_tokens, next_token_nll
@@ -227,6 +227,8 @@ def setup(cfg: TrainConfig, world: World, device: torch.device) -> Run:
     batches, eval_examples = load_data(cfg, tokenizer, world, model.config.vocab_size)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(batches) / cfg.grad_accum))
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.compile:
+        compile_adamw(optimizer)  # each tensor's step one fused pass over memory (kernels/compile.py)
     return Run(cfg, world, device, model, tokenizer, optimizer, lisa, batches, eval_examples, total, amp, scaler)
 
 

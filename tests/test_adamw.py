@@ -202,3 +202,78 @@ def test_slice_size_by_device_changes_no_bit(monkeypatch):
     assert (pieces_a, pieces_b) == (2, 1)  # 2**22 elements, then its last 5 with the small ones; all in one
     assert all(not torch.equal(p, t) for p, t in zip(a, start))  # it moved ...
     assert all(torch.equal(x, y) for x, y in zip(a, b))  # ... by the same bits
+
+
+def test_per_tensor_step_run_eagerly_gives_torch_bits():
+    """update_tensor_, the function --compile compiles, run without compiling: the same operations in the same
+    order as the foreach path, so torch.optim.AdamW's bits exactly (several groups, weight decay, a tensor
+    larger than the step's slices)."""
+    from nanolisa.adamw import update_tensor_
+    params, targets = make_problem(4)
+    params.append(torch.randn(4097 * 33))
+    targets.append(torch.randn(4097 * 33))
+    ours_p, ref_p = clone_params(params), clone_params(params)
+    ours, ref = AdamW(groups(ours_p)), torch.optim.AdamW(groups(ref_p), foreach=True)
+    ours.update_tensor = update_tensor_
+    for step in range(30):
+        for ps, opt in ((ours_p, ours), (ref_p, ref)):
+            opt.zero_grad()
+            loss_fn(ps, targets, step).backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours_p, ref_p))
+    assert all(not torch.equal(a, p) for a, p in zip(ours_p, params))
+
+
+def test_compiled_per_tensor_step_matches_torch_adamw_and_compiles_once():
+    """--compile's AdamW (kernels/compile.py compile_adamw): each tensor's step is update_tensor_ compiled by
+    inductor into one pass. Against torch.optim.AdamW over LISA-like phases (parameters leave and re-join,
+    several groups, weight decay): within float rounding, not bit-identical (another order of operations).
+    A bounded number of graphs, all made in the first steps; and a tensor stepped in two pieces at an odd offset (an FSDP2
+    shard) takes the same bits as the whole one."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from nanolisa.kernels.compile import compile_adamw
+    torch._dynamo.reset()
+    counters.clear()
+    params, targets = make_problem(1)
+    params.append(torch.randn(4097 * 33))  # one tensor long enough for the vectorised loop and its tail
+    targets.append(torch.randn(4097 * 33))
+    ours_p, ref_p = clone_params(params), clone_params(params)
+    ours = AdamW(groups(ours_p))
+    compile_adamw(ours)
+    ref = torch.optim.AdamW(groups(ref_p), foreach=True)
+    phases = [{0, 1, 2, 3, 4, 5}, {0, 2, 5}, {1, 2, 4}, {0, 1, 2, 3, 4, 5}]
+    prev: set = set()
+    for phase, active in enumerate(phases):
+        for i in range(len(params)):
+            for ps in (ours_p, ref_p):
+                ps[i].requires_grad_(i in active)
+                if i not in active:
+                    ps[i].grad = None
+            if i in active and i not in prev:
+                ref.state.pop(ref_p[i], None)
+        prev = active
+        for k in range(15):
+            for ps, opt in ((ours_p, ours), (ref_p, ref)):
+                opt.zero_grad()
+                loss_fn(ps, targets, phase * 15 + k).backward()
+                opt.step()
+        if phase == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    for a, b in zip(ours_p, ref_p):  # rounding, which 60 steps of a loss with sin() in it can grow, but
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)  # far below one step (lr up to 5e-2)
+    assert any(not torch.equal(a, b) for a, b in zip(ours_p, ref_p))  # the compiled path did run
+    moved = [(a - p).abs().max().item() for a, p in zip(ours_p, params)]
+    assert min(moved) > 1e-3, moved
+    # Compiled in the first steps only: one graph per (betas, size range) here (sizes 5 to 135201, two betas;
+    # inductor guards on small sizes), none later however many steps and re-joins follow.
+    assert counters["stats"]["unique_graphs"] == graphs <= 4, dict(counters["stats"])
+
+    p, g = torch.randn(4097 * 33), torch.randn(4097 * 33)
+    whole, pieces = p.clone(), [p[:77].clone(), p[77:].clone()]
+    for ps, gs in (([whole], [g]), (pieces, [g[:77], g[77:]])):
+        sc = torch.tensor([1 - 1e-2 * 0.1, -1e-2 / (1 - 0.9), (1 - 0.999) ** 0.5])
+        for x, gx in zip(ps, gs):
+            ours.update_tensor(x, gx, torch.zeros_like(x), torch.zeros_like(x), sc, 0.9, 0.999, 1e-8)
+    assert torch.equal(whole, torch.cat(pieces))
+    torch._dynamo.reset()

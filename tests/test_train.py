@@ -172,3 +172,32 @@ def test_mixed_precision_keeps_fp32_master_weights(tmp_path, dtype):
     assert final["eval_loss"] < final["first_eval_loss"] + 1.0  # finite and sane under autocast
     model = nanolisa.load_model(str(out))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_compiled_run_trains_like_the_eager_one(tmp_path, monkeypatch):
+    """train.py --compile (kernels/compile.py: each block and AdamW's per-tensor step through inductor): the
+    same run as eager within float rounding, the frozen blocks untouched, and the optimizer did take the
+    compiled path (its graphs are counted)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    import nanolisa.trainer
+    from nanolisa.kernels.compile import compile_adamw
+    torch._dynamo.reset()
+    counters.clear()
+    optimizers = []
+    monkeypatch.setattr(nanolisa.trainer, "compile_adamw", lambda opt: (optimizers.append(opt), compile_adamw(opt)))
+    outs = {}
+    for compiled in (False, True):
+        outs[compiled] = tmp_path / f"out{int(compiled)}"
+        train(TrainConfig(out=str(outs[compiled]), steps=4, interval=10, batch_size=4, seq_len=64, eval_every=0,
+                          plot=False, quiet=True, compile=compiled))
+    assert len(optimizers) == 1 and optimizers[0].update_tensor is not None  # the compiled run's AdamW
+    assert counters["stats"]["unique_graphs"] >= 2  # blocks and the optimizer's step
+    eager, compiled = (load_file(outs[c] / "model.safetensors") for c in (False, True))
+    start = nanolisa.load_pretrained("tiny")[0].state_dict()  # the preset's weights, as train.py starts
+    active = json.loads(open(outs[True] / "metrics.jsonl").readline())["active"]
+    for name, w in compiled.items():
+        torch.testing.assert_close(w, eager[name], rtol=1e-4, atol=1e-5)
+        trained = not name.startswith("model.layers.") or int(name.split(".")[2]) in active
+        assert torch.equal(w, start[name]) != trained, name
+    torch._dynamo.reset()

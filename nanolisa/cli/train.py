@@ -149,9 +149,10 @@ def add_optimisation_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument("--checkpoint-frozen", action="store_true", help="recompute in backward only the activations "
                    "of blocks with nothing to train (LISA's frozen blocks): each keeps just its input, at the cost "
                    "of one more forward of it, which takes away most of LISA's speed-up over full fine-tuning")
-    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block (inductor; on a "
-                   "CPU it needs a C compiler): the first steps pay the compilation, LISA's switches cost a "
-                   "bounded number of recompilations (one per block kind and trainable state)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block and AdamW's "
+                   "step (inductor; on a CPU it needs a C compiler): the first steps pay the compilation, LISA's "
+                   "switches cost a bounded number of recompilations (one per block kind and trainable state); "
+                   "results match the eager run within float rounding, not bit for bit")
     g.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation, data order and LISA's "
                    "layer sampling (default: %(default)s)")
 
