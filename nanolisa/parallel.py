@@ -108,7 +108,8 @@ def shard(model: nn.Module, mp_dtype: torch.dtype | None = None) -> nn.Module:
     after forward (`reshard_after_forward=False`): backward needs it at once, so resharding it would only
     gather it again. With tied embeddings the embedding and the head share one Parameter, which must stay
     in one unit: they are left to the root. The model may be on the meta device (nanolisa/sharded_load.py
-    shards it before any weight exists); `init_while_trainable` then follows once the weights are in.
+    shards it before any weight exists); `init_while_trainable` then follows once the weights are in. The
+    embedding unit is not gathered for backward, which needs only the token ids.
 
     Activation checkpointing needs no wrapper: model.py recomputes each block itself when
     model.gradient_checkpointing is set, so no `_checkpoint_wrapped_module.` prefix exists to leak into
@@ -119,7 +120,10 @@ def shard(model: nn.Module, mp_dtype: torch.dtype | None = None) -> nn.Module:
     for block in model.blocks:  # 1. one unit per transformer block: LISA's unit of freezing
         fully_shard(block, mp_policy=mp)
     if not model.config.tie_word_embeddings:
-        fully_shard(list(model.embed_modules), mp_policy=mp)  # 2. the input embedding(s)
+        embed = fully_shard(list(model.embed_modules), mp_policy=mp)  # 2. the input embedding(s)
+        # An embedding's backward needs the token ids only, not its weights: not gathering them again for
+        # backward spares each rank the whole (vocab, C) table at the moment every gradient exists.
+        (embed[0] if isinstance(embed, list) else embed).set_unshard_in_backward(False)
         fully_shard(list(model.head_modules), mp_policy=mp, reshard_after_forward=False)  # 3. final norm + head
     fully_shard(model, mp_policy=mp)  # 4. the root: what is left, and the hooks that start each step
     return model
