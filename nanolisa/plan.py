@@ -445,8 +445,17 @@ def fsdp_bytes(t: Target, c: Census) -> tuple[int, int]:
         return 0, 0
     s = (t.mp.itemsize if t.mp else F32) / F32
     blocks = trainable_blocks(t, c)
+    if embed_rows_to_shards(t):  # the embedding unit: not gathered in backward, nothing to reduce-scatter
+        trained = max([max(blocks, default=0), c.always - c.embed])
+        return int(2 * max(c.units) * s), int((2 * max(c.units[:-2] + c.units[-1:]) + trained) * s)
     trained = max([max(blocks, default=0), c.embed, c.always - c.embed])
     return int(2 * max(c.units) * s), int((2 * max(c.units) + trained) * s)
+
+
+def embed_rows_to_shards(t: Target) -> bool:
+    """Whether the embedding's backward writes straight into each rank's shard (parallel.ShardedGradEmbedding:
+    FSDP2 with an embedding of its own, not tied to the head)."""
+    return t.parallel == "fsdp" and t.world_size > 1 and not t.model.tie_word_embeddings
 
 
 def finite_check_bytes(t: Target, c: Census) -> int:
@@ -546,7 +555,10 @@ def backward_peak(t: Target, c: Census, p: Probe, kinds: list[Sig], acts: int, g
     trained = dict(zip(kinds, c.blocks))  # kind -> bytes of a block of that kind if it trains
     grad_of = lambda k: int(trained[k] * s) if k[0] else 0  # noqa: E731
     parts = [(p.head, 0)] + [(p.blocks.get(k, (0, 0)), grad_of(k)) for k in reversed(kinds[1:])]
-    parts.append((p.tail, grad_of(kinds[0]) + int(c.embed * s)))
+    tail_rise, tail_change = p.tail
+    if embed_rows_to_shards(t):  # this rank's rows of the embedding's gradient, not the whole (V, C) table
+        tail_rise += math.ceil(c.embed / t.shards) - int(c.embed * s)
+    parts.append(((tail_rise, tail_change), grad_of(kinds[0]) + int(c.embed * s)))
     best = (acts, grads, 0)
     for (rise, change), g in parts:
         if acts + grads + rise > sum(best):

@@ -150,6 +150,21 @@ def test_two_ranks_train_like_one_rank_with_twice_the_batch(big, one_rank, tmp_p
     assert eval_losses(rows) == pytest.approx(one_rank[method + ":eval"], rel=1e-6)
 
 
+def test_two_rank_gpt2_with_two_embeddings_trains_like_one_rank(tmp_path):
+    """GPT-2 has two embeddings (tokens, positions) in one FSDP2 unit; under FSDP2 each writes its gradient
+    rows straight to the ranks' shards (parallel.ShardedGradEmbedding), position ids included."""
+    model = write_llama(tmp_path / "model", model_type="gpt2", vocab_size=1000)
+    args = [*QUICK, "--method", "full", "--model", model, "--steps", str(STEPS), "--grad-accum", "2",
+            "--eval-every", "0"]
+    run_script("train.py", *args, "--batch-size", "4", "--out", str(tmp_path / "one"), check=True)
+    torchrun(*args, "--batch-size", "2", "--parallel", "fsdp", "--out", str(tmp_path / "two"))
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert_same_training(two, one)
+    base = load_file(os.path.join(model, "model.safetensors"))
+    for name in ("transformer.wte.weight", "transformer.wpe.weight"):
+        assert (two[name] - base[name]).abs().max() > 1e-5, name
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants (torchrun starts each rank in a session of its own)."""
     children: dict[int, list[int]] = {}
