@@ -183,10 +183,13 @@ def add_rows_to_shard(param: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor
     dist.all_gather(every_ids, nn.functional.pad(ids, (0, longest - ids.numel())), group=group)
     dist.all_gather(every_grad, nn.functional.pad(grad, (0, 0, 0, longest - ids.numel())), group=group)  # fp32
     out = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)  # (V / N, C)
-    for c, i, g in zip(counts, every_ids, every_grad):
+    for c, i, g in zip(counts, every_ids, every_grad):  # rank by rank, in rank order
         i, g = i[:c.item()], g[:c.item()]
         mine = (i >= start) & (i < start + rows.size(0))
-        out.index_add_(0, i[mine] - start, g[mine].float())
+        # Each rank's sum per row first (in token order, as F.embedding's backward adds), then into `out`:
+        # the sums FSDP2 would reduce, added in the same order, so the same bits where ranks agree.
+        used, where = torch.unique(i[mine] - start, return_inverse=True)
+        out.index_add_(0, used, torch.zeros(len(used), g.size(1), device=g.device).index_add_(0, where, g[mine]))
     out = out.div_(n).to(rows.dtype)  # FSDP2 averages gradients over the ranks
     if param.grad is None:
         param.grad = DTensor.from_local(out, param.device_mesh, param.placements, shape=param.shape,
