@@ -68,16 +68,12 @@ class RunDir:
             self.lock_fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise UserError(f"--out {out}: cannot create or write it ({e.strerror})") from None
-        try:
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
+        if not try_lock(self.lock_fd):
             holder = os.pread(self.lock_fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(self.lock_fd)
             self.lock_fd = None
             raise UserError(f"--out {out} is in use by another run (pid {holder}); wait for it to finish, "
-                            f"or choose another --out") from None
+                            f"or choose another --out")
         os.ftruncate(self.lock_fd, 0)
         os.pwrite(self.lock_fd, str(os.getpid()).encode(), 0)
         self._remove_leftovers()
@@ -143,12 +139,8 @@ class RunDir:
             self.log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         except OSError as e:
             raise UserError(f"--log {log}: cannot write it ({e.strerror})") from None
-        try:
-            fcntl.flock(self.log_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise UserError(f"--log {log} is in use by another run; choose another --log") from None
+        if not try_lock(self.log_fd):
+            raise UserError(f"--log {log} is in use by another run; choose another --log")
 
     def close(self, finished: bool) -> None:
         """Release the locks; a run that failed before writing anything leaves no --out (nor --log) behind."""
@@ -177,3 +169,15 @@ def _is_metrics_log(path: str) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(row, dict) and "step" in row
+
+
+def try_lock(fd: int) -> bool:
+    """Take an exclusive lock on fd without waiting; False if another process holds it. The kernel drops
+    the lock when the process ends, however it ends: a killed run never leaves a stale lock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return False
