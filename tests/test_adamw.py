@@ -43,6 +43,26 @@ def assert_close(a_list, b_list, rtol=1e-6):
         torch.testing.assert_close(a, b, rtol=rtol, atol=1e-7)
 
 
+def step_both(runs, targets, step: int) -> None:
+    """One step of the same loss for each (params, optimizer) pair."""
+    for ps, opt in runs:
+        opt.zero_grad()
+        loss_fn(ps, targets, step).backward()
+        opt.step()
+
+
+def enter_phase(active: set, prev: set, ours_p, ref_p, ref) -> None:
+    """Make exactly the params in `active` trainable in both runs; torch's reference starts a re-joining
+    param afresh (what nanolisa's AdamW does by itself: a frozen param's state is freed)."""
+    for i in range(len(ours_p)):
+        for ps in (ours_p, ref_p):
+            ps[i].requires_grad_(i in active)
+            if i not in active:
+                ps[i].grad = None
+        if i in active and i not in prev:
+            ref.state.pop(ref_p[i], None)
+
+
 def test_bounded_step_temporaries_change_no_bit(monkeypatch):
     """The update's temporary is made TEMP_ELEMENTS at a time (tensors cut into flat pieces, lists into
     groups): still torch's bits exactly."""
@@ -51,10 +71,7 @@ def test_bounded_step_temporaries_change_no_bit(monkeypatch):
     ours_p, ref_p = clone_params(params), clone_params(params)
     ours, ref = AdamW(groups(ours_p), eps=1e-8), torch.optim.AdamW(groups(ref_p), eps=1e-8, foreach=True)
     for step in range(20):
-        for ps, opt in ((ours_p, ours), (ref_p, ref)):
-            opt.zero_grad()
-            loss_fn(ps, targets, step).backward()
-            opt.step()
+        step_both(((ours_p, ours), (ref_p, ref)), targets, step)
     assert all(torch.equal(a, b) for a, b in zip(ours_p, ref_p))
     from nanolisa.adamw import _slices
     m = [ours.state[p]["exp_avg"] for p in ours_p]
@@ -71,10 +88,7 @@ def test_parity_with_torch_adamw(foreach):
     ours = AdamW(groups(ours_p), eps=1e-8)
     ref = torch.optim.AdamW(groups(ref_p), eps=1e-8, foreach=foreach)
     for step in range(200):
-        for ps, opt in ((ours_p, ours), (ref_p, ref)):
-            opt.zero_grad()
-            loss_fn(ps, targets, step).backward()
-            opt.step()
+        step_both(((ours_p, ours), (ref_p, ref)), targets, step)
     assert_close(ours_p, ref_p)
     if foreach:  # same ops in the same order: identical bits
         assert all(torch.equal(a, b) for a, b in zip(ours_p, ref_p))
@@ -92,22 +106,12 @@ def test_params_leave_and_rejoin_start_fresh():
     ref = torch.optim.AdamW(groups(ref_p), foreach=True)
     # Schedule of which params are trainable in each phase of 20 steps.
     phases = [{0, 1, 2, 3, 4}, {0, 2}, {1, 2, 4}, {0, 1, 2, 3, 4}, {3}]
-    prev = set()
+    prev: set = set()
     for phase, active in enumerate(phases):
-        for i in range(len(params)):
-            for ps in (ours_p, ref_p):
-                ps[i].requires_grad_(i in active)
-                if i not in active:
-                    ps[i].grad = None
-            if i in active and i not in prev:
-                ref.state.pop(ref_p[i], None)  # reference: a fresh optimizer state for a re-joining param
+        enter_phase(active, prev, ours_p, ref_p, ref)
         prev = active
         for k in range(20):
-            step = phase * 20 + k
-            for ps, opt in ((ours_p, ours), (ref_p, ref)):
-                opt.zero_grad()
-                loss_fn(ps, targets, step).backward()
-                opt.step()
+            step_both(((ours_p, ours), (ref_p, ref)), targets, phase * 20 + k)
             # state exists exactly for the trainable params
             assert set(ours.state.keys()) == {ours_p[i] for i in active}
         assert_close(ours_p, ref_p)
@@ -216,10 +220,7 @@ def test_per_tensor_step_run_eagerly_gives_torch_bits():
     ours, ref = AdamW(groups(ours_p)), torch.optim.AdamW(groups(ref_p), foreach=True)
     ours.update_tensor = update_tensor_
     for step in range(30):
-        for ps, opt in ((ours_p, ours), (ref_p, ref)):
-            opt.zero_grad()
-            loss_fn(ps, targets, step).backward()
-            opt.step()
+        step_both(((ours_p, ours), (ref_p, ref)), targets, step)
     assert all(torch.equal(a, b) for a, b in zip(ours_p, ref_p))
     assert all(not torch.equal(a, p) for a, p in zip(ours_p, params))
 
@@ -245,19 +246,10 @@ def test_compiled_per_tensor_step_matches_torch_adamw_and_compiles_once():
     phases = [{0, 1, 2, 3, 4, 5}, {0, 2, 5}, {1, 2, 4}, {0, 1, 2, 3, 4, 5}]
     prev: set = set()
     for phase, active in enumerate(phases):
-        for i in range(len(params)):
-            for ps in (ours_p, ref_p):
-                ps[i].requires_grad_(i in active)
-                if i not in active:
-                    ps[i].grad = None
-            if i in active and i not in prev:
-                ref.state.pop(ref_p[i], None)
+        enter_phase(active, prev, ours_p, ref_p, ref)
         prev = active
         for k in range(15):
-            for ps, opt in ((ours_p, ours), (ref_p, ref)):
-                opt.zero_grad()
-                loss_fn(ps, targets, phase * 15 + k).backward()
-                opt.step()
+            step_both(((ours_p, ours), (ref_p, ref)), targets, phase * 15 + k)
         if phase == 0:
             graphs = counters["stats"]["unique_graphs"]
     for a, b in zip(ours_p, ref_p):  # rounding, which 60 steps of a loss with sin() in it can grow, but
