@@ -8,7 +8,8 @@ This module turns the finished single-device model into a data-parallel one; mod
         each). Before a unit runs forward or backward its full weights are all-gathered, afterwards freed;
         gradients are reduce-scattered, so each rank keeps the gradient and AdamW state of its shard only
         (nanolisa/adamw.py updates each rank's local shard). The units (see `shard`): each transformer
-        block, the embedding, the final norm + LM head, then the root (which picks up whatever is left).
+        block, the embedding, the final norm, then the root (which picks up whatever is left); the LM
+        head stays split by vocabulary over the ranks, never gathered (nanolisa/vocab_parallel.py).
         LISA freezes and unfreezes whole blocks, so a unit is always wholly frozen or wholly trainable: a
         frozen block costs no gradient and no optimizer state on any rank.
   DDP   (`--parallel ddp`): every rank holds the whole model; gradients are all-reduced after backward.
@@ -40,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nanolisa.errors import UserError
 from nanolisa.runtime import pick_device
+from nanolisa.vocab_parallel import can_split, split_head
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # a rank that waits longer in a collective: something hung
 WRITE_TIMEOUT = datetime.timedelta(hours=2)  # the ranks waiting while rank 0 alone writes the final model
@@ -100,16 +102,19 @@ def close_world(clean: bool = True) -> None:
 
 
 def shard(model: nn.Module, mp_dtype: torch.dtype | None = None) -> nn.Module:
-    """FSDP2, in place: each block, the embedding, the final norm + head, then the root.
+    """FSDP2, in place: each block, the embedding, the final norm (+ head), then the root.
 
-    The units follow torchtitan's parallelize() -- one per transformer block, then the root -- with two
-    choices of our own: the embedding and the final norm + head are units of their own (LISA always trains
-    them, so their gradients never share a unit with a frozen block), and the head unit stays gathered
-    after forward (`reshard_after_forward=False`): backward needs it at once, so resharding it would only
-    gather it again. With tied embeddings the embedding and the head share one Parameter, which must stay
-    in one unit: they are left to the root. The model may be on the meta device (nanolisa/sharded_load.py
-    shards it before any weight exists); `init_while_trainable` then follows once the weights are in. The
-    embedding's gradient skips FSDP2's reduce-scatter: see ShardedGradEmbedding.
+    The units follow torchtitan's parallelize() -- one per transformer block, then the root -- with choices
+    of our own: the embedding and the final norm are units of their own (LISA always trains them, so their
+    gradients never share a unit with a frozen block), and the norm's unit stays gathered after forward
+    (`reshard_after_forward=False`): backward needs it at once, so resharding it would only gather it again.
+    A plain head is no unit at all: each rank keeps its rows of it, FSDP2 leaves it alone (`ignored_params`)
+    and the loss runs split by vocabulary over the ranks (nanolisa/vocab_parallel.py); a head that is not
+    a plain bias-free Linear (LoRA on lm_head) joins the norm's unit. With tied embeddings the embedding and
+    the head share one Parameter, which must stay in one unit: they are left to the root. The model may be
+    on the meta device (nanolisa/sharded_load.py shards it before any weight exists);
+    `init_while_trainable` then follows once the weights are in. The embedding's gradient skips FSDP2's
+    reduce-scatter: see ShardedGradEmbedding.
 
     Activation checkpointing needs no wrapper: model.py recomputes each block itself when
     model.gradient_checkpointing is set, so no `_checkpoint_wrapped_module.` prefix exists to leak into
@@ -117,6 +122,7 @@ def shard(model: nn.Module, mp_dtype: torch.dtype | None = None) -> nn.Module:
     forward and backward, keeps fp32 master weights and reduces gradients in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # (see is_sharded)
     mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else MixedPrecisionPolicy()
+    ignored: set[nn.Parameter] = set()  # parameters sharded by nanolisa, not by an FSDP2 unit
     for block in model.blocks:  # 1. one unit per transformer block: LISA's unit of freezing
         fully_shard(block, mp_policy=mp)
     if not model.config.tie_word_embeddings:
@@ -126,8 +132,14 @@ def shard(model: nn.Module, mp_dtype: torch.dtype | None = None) -> nn.Module:
         embed = fully_shard(list(model.embed_modules), mp_policy=mp)
         # An embedding's backward needs the token ids only, not its weights: not gathered for backward.
         (embed[0] if isinstance(embed, list) else embed).set_unshard_in_backward(False)
-        fully_shard(list(model.head_modules), mp_policy=mp, reshard_after_forward=False)  # 3. final norm + head
-    fully_shard(model, mp_policy=mp)  # 4. the root: what is left, and the hooks that start each step
+        norm, head = model.head_modules
+        if can_split(head):  # 3. the final norm; the head split by vocabulary (nanolisa/vocab_parallel.py)
+            fully_shard(norm, mp_policy=mp, reshard_after_forward=False)
+            split_head(model, next(model.blocks[0].parameters()).device_mesh)
+            ignored = {head.weight}
+        else:  # 3. final norm + head
+            fully_shard([norm, head], mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mp_policy=mp, ignored_params=ignored)  # 4. the root: what is left, the step's hooks
     return model
 
 

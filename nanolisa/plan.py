@@ -95,6 +95,7 @@ from nanolisa.runtime import set_threads
 from nanolisa.tokenizer import load_tokenizer
 from nanolisa.train_config import TrainConfig
 from nanolisa.trainer import param_groups, setup_method
+from nanolisa.vocab_parallel import can_split
 
 GiB = 2**30
 MiB = 2**20
@@ -165,7 +166,8 @@ class Census:
     largest: int  # the largest single parameter
     embed: int  # trainable bytes of the embedding(s)
     head: tuple[int, int, bool, bool]  # (V, C, head trainable, head fused)
-    units: list[int]  # FSDP units' bytes: each block, the embedding, norm + head (trainer's parallel.shard)
+    head_splits: bool  # a plain bias-free Linear head: FSDP2 splits it by vocabulary (nanolisa/vocab_parallel.py)
+    units: list[int]  # FSDP units' bytes: each block, the embedding, norm + head (parallel.shard)
 
 
 def census(t: Target) -> Census:
@@ -187,7 +189,7 @@ def census(t: Target) -> Census:
     embed = nbytes(p for m in model.embed_modules for p in m.parameters() if p.requires_grad)
     return Census(params=nbytes(params), base_params=nbytes(params) - adapters, always=always, blocks=blocks,
                   largest=max(p.numel() * p.element_size() for p in params), embed=embed,
-                  head=(V, C, head.weight.requires_grad, type(head) is torch.nn.Linear),
+                  head=(V, C, head.weight.requires_grad, type(head) is torch.nn.Linear), head_splits=can_split(head),
                   units=[nbytes(b.parameters()) for b in model.blocks] + outside)
 
 
@@ -415,6 +417,8 @@ def loss_bytes(t: Target, c: Census, batch: int, seq: int, hidden_grad: bool) ->
     n = batch * (seq - 1)
     s_h = t.mp.itemsize if t.mp else F32  # the hidden states: fp32 under autocast (the residual stream)
     s_c = (t.mp or t.amp or torch.float32).itemsize  # what the head's matmul computes in
+    if head_splits(t, c):
+        return split_loss_bytes(t, c, n, s_h, s_c)
     grads = V * C * F32 if head_trains else 0
     if not fused:
         logits = batch * seq * V
@@ -431,13 +435,34 @@ def loss_bytes(t: Target, c: Census, batch: int, seq: int, hidden_grad: bool) ->
     return kept + grads + work, kept + grads, grads
 
 
+def split_loss_bytes(t: Target, c: Census, n: int, s_h: int, s_c: int) -> tuple[int, int, int]:
+    """loss_bytes for FSDP2's vocabulary-parallel loss (nanolisa/vocab_parallel.py): every rank's N*n hidden
+    states gathered (kept for backward with their targets and log-sum-exp), this rank's c = V/N rows of the
+    head in the compute dtype, and a chunk of (chunk, c) fp32 logits. Backward, next, adds this rank's rows
+    of the head's gradient (c*C fp32), one rank's (n, C) fp32 part of dL/dh as it is reduced beside this
+    rank's own, and the chunk again: counted here at its largest, since nothing is freed between the two."""
+    V, C, head_trains, _ = c.head
+    rows, tokens = math.ceil(V / t.shards), n * t.shards
+    grads = rows * C * F32 if head_trains else 0
+    kept = tokens * (C * s_h + 8 + F32) + (rows * C * s_c if s_c != F32 else 0)  # H, targets, lse; the cast head
+    chunk = min(default_chunk(rows, t.device), tokens)
+    work = chunk * rows * (F32 + s_c) + 2 * n * C * F32  # logits; the part of dL/dh being reduced, this rank's
+    return kept + grads + work, kept + grads, grads
+
+
+def head_splits(t: Target, c: Census) -> bool:
+    """Whether the head is split by vocabulary over the ranks (parallel.shard: FSDP2, untied, plain head)."""
+    return embed_rows_to_shards(t) and c.head_splits
+
+
 def fsdp_bytes(t: Target, c: Census) -> tuple[int, int]:
     """FSDP2's (or DDP's) working memory on a rank, (in forward, in backward), 0 without FSDP. In forward the unit at
     work is all-gathered: its whole weights in the compute dtype, twice while the gather's output is copied
     into the unit's parameters. In backward each unit is gathered again while the next one is prefetched,
     and its unsharded gradients (counted with the traced backward) are copied into the reduce-scatter's
     input buffer before they are reduced to this rank's shard. Sized by the largest unit (units: each
-    block, the embedding, the final norm + head; parallel.shard). Under DDP: its all-reduce buckets, a second copy of
+    block, the embedding, the final norm + head, the head left out when it is split by vocabulary;
+    parallel.shard). Under DDP: its all-reduce buckets, a second copy of
     the trainable gradients, allocated when the wrapper is built."""
     if t.parallel == "ddp":
         return gradient_bytes(t, c), gradient_bytes(t, c)
@@ -446,8 +471,10 @@ def fsdp_bytes(t: Target, c: Census) -> tuple[int, int]:
     s = (t.mp.itemsize if t.mp else F32) / F32
     blocks = trainable_blocks(t, c)
     if embed_rows_to_shards(t):  # the embedding unit: not gathered in backward, nothing to reduce-scatter
-        trained = max([max(blocks, default=0), c.always - c.embed])
-        return int(2 * max(c.units) * s), int((2 * max(c.units[:-2] + c.units[-1:]) + trained) * s)
+        head = c.head[0] * c.head[1] * F32 if c.head_splits else 0  # split: never gathered, nothing reduced
+        units = c.units[:-1] + [c.units[-1] - head]
+        trained = max([max(blocks, default=0), c.always - c.embed - (head if c.head[2] else 0)])
+        return int(2 * max(units) * s), int((2 * max(units[:-2] + units[-1:]) + trained) * s)
     trained = max([max(blocks, default=0), c.embed, c.always - c.embed])
     return int(2 * max(c.units) * s), int((2 * max(c.units) + trained) * s)
 

@@ -19,7 +19,7 @@ def run(parallel: str) -> dict:
     lisa = LISA(model, n_layers=1, interval=1, seed=3, sampling="gradnorm")
     if world.distributed and parallel == "fsdp":
         shard(model)
-    opt = AdamW(model.parameters(), lr=1e-2)
+    opt = AdamW(model.parameters(), lr=1e-3)
     torch.manual_seed(0)  # the same batches on every rank
     module = None
     for step in range(10):

@@ -291,7 +291,10 @@ def test_bad_weighted_probabilities_raise_user_error(probs, message):
 def test_gradnorm_estimates_are_global_and_the_same_on_every_rank():
     """2 ranks on gloo: under FSDP2 a block's gradient norm is summed over the shards (each rank alone holds
     about 1/sqrt(2) of it), under DDP the gradients are already whole. Either way every rank ends with the
-    single process's estimates and draws the same blocks."""
+    single process's estimates and draws the same blocks. DDP runs the single process's arithmetic: within
+    1e-5. FSDP2's vocabulary-parallel loss sums each token's dL/dh in one part per rank, a different rounding,
+    which ten AdamW steps (sign-like at first) grow: seen 3e-4, so within 1e-3, far below the 30% of a norm
+    over this rank's shards only."""
     script = os.path.join(ROOT, "tests", "lisa_gradnorm_probe.py")
     one = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert one.returncode == 0, one.stderr
@@ -309,7 +312,8 @@ def test_gradnorm_estimates_are_global_and_the_same_on_every_rank():
         for r in ranks:
             assert r["history"] == ref["history"], parallel
             assert [e is None for e in r["estimate"]] == [e is None for e in ref["estimate"]]
-            assert all(abs(a - b) <= 1e-5 * b for a, b in zip(r["estimate"], ref["estimate"]) if b is not None), \
+            tol = 1e-3 if parallel == "fsdp" else 1e-5
+            assert all(abs(a - b) <= tol * b for a, b in zip(r["estimate"], ref["estimate"]) if b is not None), \
                 (parallel, r["estimate"], ref["estimate"])
 
 

@@ -113,7 +113,7 @@ def test_loss_plan_matches_the_fused_loss_as_it_runs(amp):
             nll = HeadLoss()(hidden, head, targets)
         trace.mark("forward")
     t = Target(None, None, 1, None, "cpu", amp, None)
-    c = Census(0, 0, 0, [], 0, 0, (V, C, True, True), [])
+    c = Census(0, 0, 0, [], 0, 0, (V, C, True, True), False, [])
     peak, kept, grads = loss_bytes(t, c, B, T, hidden_grad=True)
     live, most = trace.marks["forward"]
     assert abs(most / peak - 1) < 0.1, (most, peak)
