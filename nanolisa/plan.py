@@ -436,17 +436,18 @@ def loss_bytes(t: Target, c: Census, batch: int, seq: int, hidden_grad: bool) ->
 
 
 def split_loss_bytes(t: Target, c: Census, n: int, s_h: int, s_c: int) -> tuple[int, int, int]:
-    """loss_bytes for FSDP2's vocabulary-parallel loss (nanolisa/vocab_parallel.py): every rank's N*n hidden
-    states gathered (kept for backward with their targets and log-sum-exp), this rank's c = V/N rows of the
-    head in the compute dtype, and a chunk of (chunk, c) fp32 logits. Backward, next, adds this rank's rows
-    of the head's gradient (c*C fp32), one rank's (n, C) fp32 part of dL/dh as it is reduced beside this
-    rank's own, and the chunk again: counted here at its largest, since nothing is freed between the two."""
+    """loss_bytes for FSDP2's vocabulary-parallel loss (nanolisa/vocab_parallel.py): the targets and
+    log-sum-exp of every rank's N*n tokens (kept for backward), this rank's c = V/N rows of the head in the
+    compute dtype, one other rank's hidden states (n*C) and a chunk of (chunk, c) fp32 logits. Backward,
+    next, adds this rank's rows of the head's gradient (c*C fp32), its own dL/dh and another rank's part of
+    theirs (n*C fp32 each), and the chunk again: counted here at its largest, since nothing is freed between
+    the two."""
     V, C, head_trains, _ = c.head
     rows, tokens = math.ceil(V / t.shards), n * t.shards
     grads = rows * C * F32 if head_trains else 0
-    kept = tokens * (C * s_h + 8 + F32) + (rows * C * s_c if s_c != F32 else 0)  # H, targets, lse; the cast head
-    chunk = min(default_chunk(rows, t.device), tokens)
-    work = chunk * rows * (F32 + s_c) + 2 * n * C * F32  # logits; the part of dL/dh being reduced, this rank's
+    kept = tokens * (8 + 2 * F32) + (rows * C * s_c if s_c != F32 else 0)  # targets, lse, g; the cast head
+    chunk = min(default_chunk(rows, t.device), n)
+    work = chunk * rows * (F32 + s_c) + n * C * (s_h + 2 * F32)  # logits; another rank's h, two parts of dL/dh
     return kept + grads + work, kept + grads, grads
 
 
@@ -822,7 +823,8 @@ def table(plan: Plan, other: Plan, c: Census, line: str, limit: int, source: str
         "optimizer": f"AdamW m, v, {trained}{sharded}",
         "activations": f"1 micro-batch ({ckpt} --grad-checkpointing: {gib(other.sizes['activations'])}); a block "
                        + ", ".join(f"{kind}: {gib(b)}" for kind, b in plan.per_block.items()),
-        "loss": f"fused linear + cross-entropy, V={c.head[0]}",
+        "loss": f"fused linear + cross-entropy, V={c.head[0]}" +
+                (f", split by vocabulary over {t.shards} ranks" if head_splits(t, c) else ""),
         "temporaries": "backward, AdamW step" + (", FSDP buffers" if t.parallel == "fsdp" else ""),
         "checkpoint": "writing a resume checkpoint (--save-every)",
     }

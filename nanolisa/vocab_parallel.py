@@ -10,22 +10,26 @@ hidden states of the step's tokens (n x C per rank):
     rank r holds W_r, rows [r c, (r + 1) c) of the head, c = ceil(V / N): FSDP2's own shard (a DTensor,
     Shard(0)), so loading, AdamW, gradient norms, checkpoints and the saved model treat it like any other.
 
-    forward    H   = all_gather(h)                        (N n, C)    every rank's tokens
-               z_r = H W_r^T                              (N n, c)    chunk by chunk, never all at once
-               lse = log sum_r exp(logsumexp(z_r))        (N n,)      two all-reduces of N n numbers
-               loss = lse - z[target]                     the target's logit from the rank holding its row
-    backward   G   = all_gather(g)                        dL/dloss of every rank's tokens
+    forward    for each rank q in turn: h_q = broadcast from rank q       (n_q, C)
+               z_r = h_q W_r^T, chunk by chunk                            (chunk, c) never all at once
+               lse_r = logsumexp(z_r); the target's logit, where W_r holds its row
+               lse = log sum_r exp(lse_r)      two all-reduces of N n numbers
+               loss = lse - z[target]          each rank keeps its own tokens' losses
+    backward   G = all_gather(g)               dL/dloss of every rank's tokens
+               for each rank q in turn: h_q broadcast again, and chunk by chunk
                dz_r = G (exp(z_r - lse) - onehot_r)       the chunk's logits computed again
-               dW_r = dz_r^T H / N                        this rank's rows of the gradient: nothing to reduce
-               dh  = sum over ranks of dz_r W_r           reduced to the rank whose tokens they are,
-                                                          one rank's tokens at a time (n x C fp32 each)
+               dW_r += dz_r^T h_q / N          this rank's rows of the gradient: nothing to reduce
+               dh_q = sum over r of dz_r W_r   reduced to rank q (n_q x C, fp32)
 
 The division by N is FSDP2's averaging: each rank's loss carries a factor N (nanolisa/parallel.py), so the
 average over ranks is the gradient of one process with the whole batch. Compared with FSDP2's head unit, a
-rank holds W_r, dW_r and every rank's hidden states (2 V C / N + N n C numbers, not ~3 V C) and moves
-about N n C numbers, not V C.
-The price is one more head matmul: backward computes each chunk's logits again (exact for any g), where
-the fused one-process loss (kernels/linear_cross_entropy.py) computes its gradients during forward.
+rank holds W_r and dW_r (2 V C / N numbers in fp32, not ~3 V C) and one other rank's hidden states at a
+time, whatever the number of ranks. Traffic: a rank receives about 8 N n C bytes under bf16 (the hidden
+states twice, the fp32 parts of dL/dh once) where FSDP2's head unit moves 6 V C (the head in bf16, its
+gradient in fp32): less while the step's tokens on all ranks, N n, stay below 3/4 of the vocabulary (96k
+tokens at Llama 3's 128k), more beyond. The price in compute is one head matmul more: backward computes each
+chunk's logits again (exact for any g), where the fused one-process loss (kernels/linear_cross_entropy.py)
+computes its gradients during forward.
 
 Used for an untied head without bias (Llama, Qwen, Mistral, ...); a tied head shares the embedding's
 Parameter, which FSDP2 keeps in one unit (nanolisa/parallel.py `shard`). Tested against one process in
@@ -89,15 +93,16 @@ class _VocabParallelNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, targets: Tensor, vocab: int, group, softcap: float | None) -> Tensor:
-        N, rank = dist.get_world_size(group), dist.get_rank(group)
-        H, T, counts = _all_tokens(h, targets, group)  # (N m, C), (N m,): rank r's n_r tokens from row r m on
-        most = len(T) // N
-        start = rank * -(-vocab // N)  # the first vocabulary row this rank holds
+        rank = dist.get_rank(group)
+        counts = _all_rows(torch.tensor([h.size(0)], device=h.device), group).tolist()  # n_r of each rank
+        most = max(counts)  # every rank's per-token numbers below are padded to m: rank r's from r m on
+        T = _all_rows(F.pad(targets, (0, most - h.size(0)), value=IGNORE_INDEX), group)  # (N m,)
+        start = rank * -(-vocab // len(counts))  # the first vocabulary row this rank holds
         lse = torch.zeros(len(T), dtype=torch.float32, device=h.device)  # this rank's logsumexp, then everyone's
         z_target = torch.zeros(len(T), dtype=torch.float32, device=h.device)
         wc = w.to(h.dtype)  # the compute dtype: FSDP2's bf16 under mixed precision
-        for _, s, e in _spans(counts, most, default_chunk(w.size(0))):
-            z = _logits(H[s:e], wc, softcap)[0]  # (chunk, c) fp32
+        for s, e, hc in _every_ranks_chunks(h, counts, default_chunk(w.size(0)), group):
+            z = _logits(hc, wc, softcap)[0]  # (chunk, c) fp32
             here = T[s:e] - start
             mine = (here >= 0) & (here < w.size(0))  # targets whose row this rank holds
             z_target[s:e] = torch.where(mine, z.gather(1, here.clamp(0, w.size(0) - 1)[:, None])[:, 0], 0.0)
@@ -108,47 +113,55 @@ class _VocabParallelNLL(torch.autograd.Function):
         sums = torch.stack([(lse - top).exp_(), z_target])  # (2, N m)
         dist.all_reduce(sums, group=group)
         lse = sums[0].log_().add_(top)  # log sum over the whole vocabulary, (N m,)
-        ctx.save_for_backward(H, wc, T, lse)
+        ctx.save_for_backward(h, wc, T, lse)
         ctx.start, ctx.counts, ctx.group, ctx.softcap, ctx.w_dtype = start, counts, group, softcap, w.dtype
-        return (lse - sums[1])[rank * most:rank * most + counts[rank]]  # this rank's tokens
+        return (lse - sums[1])[rank * most:rank * most + h.size(0)]  # this rank's tokens
 
     @staticmethod
     def backward(ctx, g: Tensor):  # g (n,): dL/dloss of each of this rank's tokens
-        H, wc, T, lse = ctx.saved_tensors
+        h, wc, T, lse = ctx.saved_tensors
         group, start, counts = ctx.group, ctx.start, ctx.counts
-        N, rank, C = dist.get_world_size(group), dist.get_rank(group), H.size(1)
-        most = len(T) // N
-        G = _all_rows(F.pad(g.float(), (0, most - counts[rank])), group)  # (N m,)
+        N, rank, most = len(counts), dist.get_rank(group), max(counts)
+        G = _all_rows(F.pad(g.float(), (0, most - h.size(0))), group)  # (N m,)
         dW = torch.zeros(wc.shape, dtype=torch.float32, device=wc.device) if ctx.needs_input_grad[1] else None
-        spans = _spans(counts, most, default_chunk(wc.size(0)))
-        dh = None
-        for r in range(N):  # rank r's tokens: this rank's columns' part of their dL/dh, summed on rank r
-            part = torch.zeros(counts[r], C, dtype=torch.float32, device=H.device)
-            for _, s, e in (x for x in spans if x[0] == r):
-                z, slope = _logits(H[s:e], wc, ctx.softcap, need_slope=True)  # (chunk, c) fp32
-                p = z.sub_(lse[s:e, None]).exp_()  # the softmax over the whole vocabulary, this rank's columns
-                here = T[s:e] - start
-                mine = ((here >= 0) & (here < wc.size(0))).nonzero()[:, 0]
-                p[mine, here[mine]] -= 1.0
-                dz = p.mul_(G[s:e, None])
-                if slope is not None:
-                    dz = dz.mul_(slope)
-                dz = dz.to(wc.dtype)
-                part[s - r * most:e - r * most] = dz @ wc  # (chunk, C)
-                if dW is not None:
-                    add_outer_(dW, dz, H[s:e])  # (c, C), summed in fp32
-            dist.reduce(part, dst=dist.get_global_rank(group, r), group=group)
-            if r == rank:
-                dh = part
+        dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        part = None  # this rank's columns' part of dL/dh of the tokens of the rank at hand, then summed there
+        for s, e, hc in _every_ranks_chunks(h, counts, default_chunk(wc.size(0)), group):
+            r = s // most
+            if part is None:
+                part = dh if r == rank else torch.zeros(counts[r], h.size(1), dtype=torch.float32, device=h.device)
+            z, slope = _logits(hc, wc, ctx.softcap, need_slope=True)  # (chunk, c) fp32
+            p = z.sub_(lse[s:e, None]).exp_()  # the softmax over the whole vocabulary, this rank's columns
+            here = T[s:e] - start
+            mine = ((here >= 0) & (here < wc.size(0))).nonzero()[:, 0]
+            p[mine, here[mine]] -= 1.0
+            dz = p.mul_(G[s:e, None])
+            if slope is not None:
+                dz = dz.mul_(slope)
+            dz = dz.to(wc.dtype)
+            part[s - r * most:e - r * most] = dz @ wc  # (chunk, C)
+            if dW is not None:
+                add_outer_(dW, dz, hc)  # (c, C), summed in fp32
+            if e == r * most + counts[r]:  # rank r's last chunk: its tokens' dL/dh, summed over the ranks
+                dist.reduce(part, dst=dist.get_global_rank(group, r), group=group)
+                part = None
         dW = None if dW is None else dW.div_(N).to(ctx.w_dtype)  # FSDP2 averages gradients over the ranks
-        return dh.to(H.dtype), dW, None, None, None, None
+        return dh.to(h.dtype), dW, None, None, None, None
 
 
-def _spans(counts: list[int], most: int, chunk: int) -> list[tuple[int, int, int]]:
-    """(rank, start, end) of each chunk of the gathered rows that hold a token: rank r's n_r tokens are rows
-    [r m, r m + n_r), the rest of its m rows padding."""
-    return [(r, s, min(s + chunk, r * most + n)) for r, n in enumerate(counts)
-            for s in range(r * most, r * most + n, chunk)]
+def _every_ranks_chunks(h: Tensor, counts: list[int], chunk: int, group):
+    """Yield (start, end, hidden states) of each chunk of every rank's tokens, rank by rank: rank r's n_r
+    tokens are rows [r m, r m + n_r) of the per-token numbers (m = the largest n_r). Each rank's hidden
+    states are broadcast from it when its turn comes: a rank holds one other rank's tokens at a time, never
+    all N n of them, however many ranks there are."""
+    rank = dist.get_rank(group)
+    for r, n in enumerate(counts):
+        if n == 0:
+            continue
+        theirs = h if r == rank else h.new_empty(n, h.size(1))
+        dist.broadcast(theirs, src=dist.get_global_rank(group, r), group=group)
+        for s in range(0, n, chunk):
+            yield r * max(counts) + s, r * max(counts) + min(s + chunk, n), theirs[s:s + chunk]
 
 
 def _logits(h: Tensor, w: Tensor, softcap: float | None, need_slope: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -160,15 +173,6 @@ def _logits(h: Tensor, w: Tensor, softcap: float | None, need_slope: bool = Fals
     tanh = z.div_(softcap).tanh_()
     slope = tanh.square().neg_().add_(1.0) if need_slope else None
     return tanh.mul_(softcap), slope
-
-
-def _all_tokens(h: Tensor, targets: Tensor, group) -> tuple[Tensor, Tensor, list[int]]:
-    """Every rank's hidden states and targets, each rank's padded to the longest count m: (N m, C), (N m,),
-    and each rank's count."""
-    counts = _all_rows(torch.tensor([h.size(0)], device=h.device), group).tolist()
-    pad = max(counts) - h.size(0)
-    return (_all_rows(F.pad(h, (0, 0, 0, pad)), group),
-            _all_rows(F.pad(targets, (0, pad), value=IGNORE_INDEX), group), counts)
 
 
 def _all_rows(x: Tensor, group) -> Tensor:
