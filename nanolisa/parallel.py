@@ -40,6 +40,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nanolisa.errors import UserError
+from nanolisa.loss import IGNORE_INDEX
 from nanolisa.runtime import pick_device
 from nanolisa.vocab_parallel import can_split, split_head
 
@@ -219,12 +220,14 @@ def init_while_trainable(model: nn.Module) -> None:
     parameters that require grad at that moment. LISA has frozen all but a few blocks by then; a block
     frozen at that moment and activated later would receive bf16 gradients where FSDP2 expects fp32 and
     fail ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float"). So: one
-    forward pass of one token, with every parameter trainable."""
+    forward pass of one token, with every parameter trainable. It goes through the loss, with no target,
+    not through the logits: a split head (nanolisa/vocab_parallel.py) would gather itself for the logits."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(True)
     device = next(iter(model.parameters())).device
-    model(torch.zeros(1, 1, dtype=torch.long, device=device))
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    model(ids, targets=torch.full_like(ids, IGNORE_INDEX))
     for p, trainable in flags:
         p.requires_grad_(trainable)
     reshard(model)
@@ -232,7 +235,7 @@ def init_while_trainable(model: nn.Module) -> None:
 
 def reshard(model: nn.Module) -> None:
     """Free every FSDP2 unit's gathered weights after a forward pass that no backward follows (evaluation,
-    `init_while_trainable`). The head unit stays gathered after forward for its backward; without a
+    `init_while_trainable`). The final norm's unit stays gathered after forward for its backward; without a
     backward it would stay gathered -- with the gathered tensors, not the shards, as the module's registered
     parameters -- into the next optimizer step, which updates the shards: the next forward would use stale
     weights, and a checkpoint would not find the optimizer's parameters. (A no-op without FSDP2.)"""

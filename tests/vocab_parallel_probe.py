@@ -51,10 +51,14 @@ def case(V: int, C: int, counts: list[int], dtype: torch.dtype, softcap: float |
     hm = h[mine].to(dtype).requires_grad_()
     nll = model.head_loss(hm[None], model.lm_head, t[None, mine], softcap)[0]
     (nll * g[mine] * N).sum().backward()
+    with torch.no_grad():  # the logits (generation): the split head gathers itself for them
+        logits = model.lm_head(h[None, :3].to(dtype))[0].float()
+        want = (h[:3].to(dtype) @ w.to(dtype).t()).float()
     dh = torch.cat([x for x in gather(hm.grad / N, world)])  # every rank's tokens, in order
     dw = model.lm_head.weight.grad.full_tensor()
     loss = torch.cat(gather(nll.detach(), world))
     return {"V": V, "dtype": str(dtype), "softcap": softcap, "counts": counts,
+            "logits_equal": bool(torch.equal(logits, want)),
             "ours": [rel(loss, ref.detach()), rel(dh, h64.grad), rel(dw, w64.grad)],
             "fused": [rel(fused.detach(), ref.detach()), rel(hf.grad, h64.grad), rel(wf.grad, w64.grad)]}
 
