@@ -375,7 +375,8 @@ def test_a_refusal_only_rank_0_can_see_is_one_line_on_every_rank(tmp_path):
 
 def test_ranks_agree_on_lisa_and_hold_optimizer_state_of_their_shard_only(tmp_path):
     """FSDP2 LISA: each rank's AdamW state covers only the active block + embedding + head, sharded: about
-    half of what one rank holds for the same model."""
+    half of what one rank holds for the same model. The head is split by vocabulary (nanolisa/vocab_parallel.py:
+    a rank holds its rows and never gathers the rest), not an FSDP2 unit."""
     script = os.path.join(ROOT, "tests", "dist_state_probe.py")
     one = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert one.returncode == 0, one.stderr
@@ -388,6 +389,9 @@ def test_ranks_agree_on_lisa_and_hold_optimizer_state_of_their_shard_only(tmp_pa
     for r in per_rank:
         assert r["names"] == ref["names"]  # the active block(s) + embedding + norm + head, nothing else
         assert 0.4 <= r["state_bytes"] / ref["state_bytes"] <= 0.6
+        rows = -(-r["vocab"] // 2)  # torch.chunk's rows: ceil(V / 2) on rank 0, the rest on rank 1
+        assert (r["head"], r["head_rows"]) == ("SplitHead", min(rows, r["vocab"] - r["rank"] * rows))
+    assert (ref["head"], ref["head_rows"]) == ("Linear", ref["vocab"])
     assert {tuple(r["active"]) for r in per_rank} == {tuple(ref["active"])}
 
 
