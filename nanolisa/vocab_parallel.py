@@ -10,26 +10,23 @@ hidden states of the step's tokens (n x C per rank):
     rank r holds W_r, rows [r c, (r + 1) c) of the head, c = ceil(V / N): FSDP2's own shard (a DTensor,
     Shard(0)), so loading, AdamW, gradient norms, checkpoints and the saved model treat it like any other.
 
-    forward    for each rank q in turn: h_q = broadcast from rank q       (n_q, C)
-               z_r = h_q W_r^T, chunk by chunk                            (chunk, c) never all at once
-               lse_r = logsumexp(z_r); the target's logit, where W_r holds its row
-               lse = log sum_r exp(lse_r)      two all-reduces of N n numbers
-               loss = lse - z[target]          each rank keeps its own tokens' losses
-    backward   G = all_gather(g)               dL/dloss of every rank's tokens
-               for each rank q in turn: h_q broadcast again, and chunk by chunk
-               dz_r = G (exp(z_r - lse) - onehot_r)       the chunk's logits computed again
-               dW_r += dz_r^T h_q / N          this rank's rows of the gradient: nothing to reduce
-               dh_q = sum over r of dz_r W_r   reduced to rank q (n_q x C, fp32)
+    for each rank q in turn: h_q = broadcast from rank q, then chunk by chunk of its tokens
+        z_r  = h_q W_r^T                         (chunk, c): this rank's columns of the logits
+        lse  = log sum_r sum exp(z_r)            the max and the sum of exponentials all-reduced per token
+        loss = lse - z[target]                   the target's logit from the rank that holds its row
+        dz_r = g (exp(z_r - lse) - onehot_r)     while the chunk's logits are at hand
+        dW_r += dz_r^T h_q / N                   this rank's rows of the gradient: nothing to reduce
+        dh_q = sum over r of dz_r W_r            reduced to rank q (n_q x C, fp32)
 
+Forward does all of it for g = 1 and keeps each rank's losses, dh and dW_r; backward all-gathers g and
+scales them when g is one number for every token of every rank (every training step: the loss is a sum
+divided by the step's token count), or else goes through the ranks' tokens again with each token's g.
 The division by N is FSDP2's averaging: each rank's loss carries a factor N (nanolisa/parallel.py), so the
 average over ranks is the gradient of one process with the whole batch. Compared with FSDP2's head unit, a
 rank holds W_r and dW_r (2 V C / N numbers in fp32, not ~3 V C) and one other rank's hidden states at a
-time, whatever the number of ranks. Traffic: a rank receives about 8 N n C bytes under bf16 (the hidden
-states twice, the fp32 parts of dL/dh once) where FSDP2's head unit moves 6 V C (the head in bf16, its
-gradient in fp32): less while the step's tokens on all ranks, N n, stay below 3/4 of the vocabulary (96k
-tokens at Llama 3's 128k), more beyond. The price in compute is one head matmul more: backward computes each
-chunk's logits again (exact for any g), where the fused one-process loss (kernels/linear_cross_entropy.py)
-computes its gradients during forward.
+time, whatever the number of ranks. Traffic: a rank receives about 6 N n C bytes under bf16 (the hidden
+states, the fp32 parts of dL/dh) where FSDP2's head unit moves 6 V C (the head in bf16, its gradient in
+fp32): less while the step's tokens on all ranks, N n, stay below the vocabulary size, more beyond.
 
 Used for an untied head without bias (Llama, Qwen, Mistral, ...); a tied head shares the embedding's
 Parameter, which FSDP2 keeps in one unit (nanolisa/parallel.py `shard`). Tested against one process in
@@ -41,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from nanolisa.kernels.linear_cross_entropy import add_outer_, default_chunk
 from nanolisa.loss import IGNORE_INDEX
@@ -84,69 +82,106 @@ def vocab_parallel_nll(hidden: Tensor, head: nn.Module, targets: Tensor, softcap
     w = head.weight
     h, t = hidden.flatten(0, 1), targets.flatten()  # (B*T, C), (B*T,)
     keep = (t != IGNORE_INDEX).nonzero()[:, 0]  # (n,)
-    nll = _VocabParallelNLL.apply(h[keep], w.to_local(), t[keep], w.size(0), w.device_mesh.get_group(), softcap)
+    nll = _VocabParallelNLL.apply(h[keep], w.to_local(), t[keep], w.size(0), w.device_mesh.get_group(), softcap,
+                                  torch.is_grad_enabled())
     return hidden.new_zeros(t.shape, dtype=torch.float32).index_put((keep,), nll).view(targets.shape)
 
 
 class _VocabParallelNLL(torch.autograd.Function):
-    """h (n, C) this rank's tokens, w (c, C) this rank's rows, targets (n,) -> NLL (n,) fp32."""
+    """h (n, C) this rank's tokens, w (c, C) this rank's rows, targets (n,) -> NLL (n,) fp32.
+
+    As the one-process fused loss does, forward also computes the gradients for g = 1 while each chunk's
+    logits are at hand, and backward scales them by g when g is one number for every token of every rank --
+    every training step, whose loss is a sum divided by the step's token count. For any other g, backward
+    computes each chunk's logits again."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, targets: Tensor, vocab: int, group, softcap: float | None) -> Tensor:
+    def forward(ctx, h: Tensor, w: Tensor, targets: Tensor, vocab: int, group, softcap: float | None,
+                need_grad: bool) -> Tensor:
         rank = dist.get_rank(group)
         counts = _all_rows(torch.tensor([h.size(0)], device=h.device), group).tolist()  # n_r of each rank
         most = max(counts)  # every rank's per-token numbers below are padded to m: rank r's from r m on
         T = _all_rows(F.pad(targets, (0, most - h.size(0)), value=IGNORE_INDEX), group)  # (N m,)
         start = rank * -(-vocab // len(counts))  # the first vocabulary row this rank holds
-        lse = torch.zeros(len(T), dtype=torch.float32, device=h.device)  # this rank's logsumexp, then everyone's
-        z_target = torch.zeros(len(T), dtype=torch.float32, device=h.device)
         wc = w.to(h.dtype)  # the compute dtype: FSDP2's bf16 under mixed precision
-        for s, e, hc in _every_ranks_chunks(h, counts, default_chunk(w.size(0)), group):
-            z = _logits(hc, wc, softcap)[0]  # (chunk, c) fp32
-            here = T[s:e] - start
-            mine = (here >= 0) & (here < w.size(0))  # targets whose row this rank holds
-            z_target[s:e] = torch.where(mine, z.gather(1, here.clamp(0, w.size(0) - 1)[:, None])[:, 0], 0.0)
-            m = z.amax(dim=-1, keepdim=True)
-            lse[s:e] = z.sub_(m).exp_().sum(-1).log_().add_(m[:, 0])
-        top = lse.clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-        sums = torch.stack([(lse - top).exp_(), z_target])  # (2, N m)
-        dist.all_reduce(sums, group=group)
-        lse = sums[0].log_().add_(top)  # log sum over the whole vocabulary, (N m,)
+        loss, lse = (torch.zeros(len(T), dtype=torch.float32, device=h.device) for _ in range(2))
+        grads = _new_grads(h, wc, ctx.needs_input_grad[:2] if need_grad else (False, False))
+        ones = torch.ones(len(T), dtype=torch.float32, device=h.device)
+        _sweep(h, wc, T, counts, start, group, softcap, lse, ones, *grads, loss=loss)
         ctx.save_for_backward(h, wc, T, lse)
         ctx.start, ctx.counts, ctx.group, ctx.softcap, ctx.w_dtype = start, counts, group, softcap, w.dtype
-        return (lse - sums[1])[rank * most:rank * most + h.size(0)]  # this rank's tokens
+        ctx.grads = grads if need_grad else None  # for g = 1, until backward scales them
+        return loss[rank * most:rank * most + h.size(0)]  # this rank's tokens
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g: Tensor):  # g (n,): dL/dloss of each of this rank's tokens
         h, wc, T, lse = ctx.saved_tensors
-        group, start, counts = ctx.group, ctx.start, ctx.counts
-        N, rank, most = len(counts), dist.get_rank(group), max(counts)
-        G = _all_rows(F.pad(g.float(), (0, most - h.size(0))), group)  # (N m,)
-        dW = torch.zeros(wc.shape, dtype=torch.float32, device=wc.device) if ctx.needs_input_grad[1] else None
-        dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        part = None  # this rank's columns' part of dL/dh of the tokens of the rank at hand, then summed there
-        for s, e, hc in _every_ranks_chunks(h, counts, default_chunk(wc.size(0)), group):
-            r = s // most
+        group, counts = ctx.group, ctx.counts
+        G = _all_rows(F.pad(g.float(), (0, max(counts) - h.size(0))), group)  # (N m,): every rank's g
+        tokens = G[T != IGNORE_INDEX]  # the same on every rank, so every rank takes the same branch
+        grads, ctx.grads = ctx.grads, None  # used once: a second backward (retain_graph) recomputes
+        if grads is not None and (len(tokens) == 0 or bool((tokens == tokens[0]).all())):
+            for t in grads:  # one g for every token: scale forward's gradients
+                if t is not None and len(tokens):
+                    t.mul_(tokens[0])
+        else:  # compute each chunk's logits again and weight its softmax gradient by each token's g
+            grads = _new_grads(h, wc, ctx.needs_input_grad[:2])
+            _sweep(h, wc, T, counts, ctx.start, group, ctx.softcap, lse, G, *grads)
+        dh, dW = grads
+        dW = None if dW is None else dW.div_(len(counts)).to(ctx.w_dtype)  # FSDP2 averages over the ranks
+        return None if dh is None else dh.to(h.dtype), dW, None, None, None, None, None
+
+
+def _new_grads(h: Tensor, wc: Tensor, need) -> list[Tensor | None]:
+    """Zeroed [dL/dh of this rank's tokens, this rank's rows of dL/dW], fp32, None where not needed."""
+    return [torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need[0] else None,
+            torch.zeros(wc.shape, dtype=torch.float32, device=wc.device) if need[1] else None]
+
+
+def _sweep(h: Tensor, wc: Tensor, T: Tensor, counts: list[int], start: int, group, softcap: float | None,
+           lse: Tensor, G: Tensor, dh: Tensor | None, dW: Tensor | None, loss: Tensor | None = None) -> None:
+    """One pass over every rank's tokens, chunk by chunk, on this rank's columns of the logits. Forward (loss
+    given): fill lse and loss of every token, reducing each chunk's max and sum of exponentials over the
+    ranks; otherwise (a recomputing backward) read lse. Then add the G-weighted gradients: this rank's rows
+    of dW, and dL/dh of each rank's tokens, summed over the ranks onto that rank (this rank's in dh)."""
+    rank, most, C = dist.get_rank(group), max(counts), h.size(1)
+    need = dh is not None or dW is not None
+    part = None  # this rank's columns' part of dL/dh of the tokens of the rank at hand
+    for s, e, hc in _every_ranks_chunks(h, counts, default_chunk(wc.size(0)), group):
+        r = s // most
+        z, slope = _logits(hc, wc, softcap, need_slope=need)  # (chunk, c) fp32
+        here = T[s:e] - start
+        mine = (here >= 0) & (here < wc.size(0))  # targets whose row this rank holds
+        if loss is not None:  # log sum exp over the whole vocabulary: every rank's columns
+            z_target = torch.where(mine, z.gather(1, here.clamp(0, wc.size(0) - 1)[:, None])[:, 0], 0.0)
+            top = z.amax(dim=-1)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+            p = z.sub_(top[:, None]).exp_()  # exp(z - the largest logit of the token), (chunk, c)
+            sums = torch.stack([p.sum(-1), z_target])  # (2, chunk)
+            dist.all_reduce(sums, group=group)
+            lse[s:e] = sums[0].log().add_(top)
+            loss[s:e] = lse[s:e] - sums[1]
+            p = p.div_(sums[0][:, None]) if need else None  # the softmax, this rank's columns
+        else:
+            p = z.sub_(lse[s:e, None]).exp_()
+        if not need:
+            continue
+        rows = mine.nonzero()[:, 0]
+        p[rows, here[rows]] -= 1.0
+        dz = p.mul_(G[s:e, None])  # dL/dz = g (softmax - onehot)
+        if slope is not None:
+            dz = dz.mul_(slope)
+        dz = dz.to(wc.dtype)
+        if dW is not None:
+            add_outer_(dW, dz, hc)  # (c, C), summed in fp32
+        if dh is not None:
             if part is None:
-                part = dh if r == rank else torch.zeros(counts[r], h.size(1), dtype=torch.float32, device=h.device)
-            z, slope = _logits(hc, wc, ctx.softcap, need_slope=True)  # (chunk, c) fp32
-            p = z.sub_(lse[s:e, None]).exp_()  # the softmax over the whole vocabulary, this rank's columns
-            here = T[s:e] - start
-            mine = ((here >= 0) & (here < wc.size(0))).nonzero()[:, 0]
-            p[mine, here[mine]] -= 1.0
-            dz = p.mul_(G[s:e, None])
-            if slope is not None:
-                dz = dz.mul_(slope)
-            dz = dz.to(wc.dtype)
+                part = dh if r == rank else torch.zeros(counts[r], C, dtype=torch.float32, device=h.device)
             part[s - r * most:e - r * most] = dz @ wc  # (chunk, C)
-            if dW is not None:
-                add_outer_(dW, dz, hc)  # (c, C), summed in fp32
             if e == r * most + counts[r]:  # rank r's last chunk: its tokens' dL/dh, summed over the ranks
                 dist.reduce(part, dst=dist.get_global_rank(group, r), group=group)
                 part = None
-        dW = None if dW is None else dW.div_(N).to(ctx.w_dtype)  # FSDP2 averages gradients over the ranks
-        return dh.to(h.dtype), dW, None, None, None, None
 
 
 def _every_ranks_chunks(h: Tensor, counts: list[int], chunk: int, group):

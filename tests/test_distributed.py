@@ -414,13 +414,14 @@ def test_vocab_parallel_loss_is_as_exact_as_the_one_process_loss():
     """nanolisa/vocab_parallel.py on 2 ranks (each its rows of the head and its tokens) against the whole head
     in float64: the loss, dL/dh and dL/dW within twice the error of the one-process fused loss it replaces
     (kernels/linear_cross_entropy.py, against the same float64 reference), for fp32 and bf16, an uneven
-    vocabulary and uneven token counts, a rank without tokens, Gemma 2's soft-cap, several chunks."""
+    vocabulary and uneven token counts, a rank without tokens, Gemma 2's soft-cap, several chunks; with one
+    dL/dloss for every token (forward's gradients, scaled) and a different one per token (recomputed)."""
     script = os.path.join(ROOT, "tests", "vocab_parallel_probe.py")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script],
                        capture_output=True, text=True, cwd=ROOT, timeout=300, env=ENV)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4
+    assert len(rows) == 7 and {r["uniform"] for r in rows} == {True, False}
     for r in rows:
         assert r["logits_equal"], r  # without targets: the whole logits, as one process computes them
         assert all(ours <= 2 * max(fused, 1e-7) for ours, fused in zip(r["ours"], r["fused"])), r

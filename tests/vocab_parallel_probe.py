@@ -21,14 +21,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b).abs().max() / b.abs().max()).item()
 
 
-def case(V: int, C: int, counts: list[int], dtype: torch.dtype, softcap: float | None) -> dict:
+def case(V: int, C: int, counts: list[int], dtype: torch.dtype, softcap: float | None, uniform: bool) -> dict:
     torch.manual_seed(0)  # the same global batch on every rank
     n = sum(counts)
     w = torch.randn(V, C) * C ** -0.5
     h = torch.randn(n, C)
     t = torch.randint(0, V, (n,))
     t[::5] = IGNORE_INDEX  # tokens without a loss
-    g = torch.rand(n) + 0.5  # dL/dloss, a different weight per token (not a plain sum)
+    # dL/dloss: one number for every token (a training step: forward's gradients, scaled), or a different
+    # weight per token (backward computes the logits again)
+    g = torch.full((n,), 0.75) if uniform else torch.rand(n) + 0.5
     # The reference: the whole head on the whole batch, float64.
     h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
     ref = head_nll(h64[None], lambda x: x @ w64.t(), t[None], softcap)[0]
@@ -57,17 +59,18 @@ def case(V: int, C: int, counts: list[int], dtype: torch.dtype, softcap: float |
     dh = torch.cat([x for x in gather(hm.grad / N, world)])  # every rank's tokens, in order
     dw = model.lm_head.weight.grad.full_tensor()
     loss = torch.cat(gather(nll.detach(), world))
-    return {"V": V, "dtype": str(dtype), "softcap": softcap, "counts": counts,
+    return {"V": V, "dtype": str(dtype), "softcap": softcap, "counts": counts, "uniform": uniform,
             "logits_equal": bool(torch.equal(logits, want)),
             "ours": [rel(loss, ref.detach()), rel(dh, h64.grad), rel(dw, w64.grad)],
             "fused": [rel(fused.detach(), ref.detach()), rel(hf.grad, h64.grad), rel(wf.grad, w64.grad)]}
 
 
 world, device = init_world("cpu")
-rows = [case(1001, 64, [37, 29], torch.float32, None),  # uneven vocabulary and token counts
-        case(1001, 64, [37, 29], torch.bfloat16, None),
-        case(1000, 48, [20, 0], torch.float32, 30.0),  # a rank with no tokens; Gemma 2's soft-cap
-        case(4096, 64, [300, 300], torch.float32, None)]  # several chunks per rank
+rows = [case(1001, 64, [37, 29], dtype, None, uniform)  # uneven vocabulary and token counts
+        for dtype in (torch.float32, torch.bfloat16) for uniform in (True, False)]
+rows += [case(1000, 48, [20, 0], torch.float32, 30.0, uniform)  # a rank with no tokens; Gemma 2's soft-cap
+         for uniform in (True, False)]
+rows += [case(4096, 64, [300, 300], torch.float32, None, False)]  # several chunks per rank
 if world.is_main:
     for r in rows:
         print(json.dumps(r))
