@@ -68,8 +68,8 @@ def split_head(model: nn.Module, mesh) -> None:
 
 
 class SplitHead(nn.Linear):
-    """The LM head with this rank's rows only. Logits (generation, the first forward that sets FSDP2 up)
-    need every row: the weight is gathered for that call. The training and evaluation loss never does."""
+    """The LM head with this rank's rows only. Logits (a caller that wants them, e.g. generation) need every
+    row: the weight is gathered for that call. The training and evaluation loss never gathers it."""
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, T, V)
         return F.linear(x, self.weight.full_tensor().to(x.dtype))

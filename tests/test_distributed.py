@@ -421,7 +421,7 @@ def test_vocab_parallel_loss_is_as_exact_as_the_one_process_loss():
                        capture_output=True, text=True, cwd=ROOT, timeout=300, env=ENV)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 7 and {r["uniform"] for r in rows} == {True, False}
+    assert len(rows) == 8 and {r["uniform"] for r in rows} == {True, False}
     for r in rows:
         assert r["logits_equal"], r  # without targets: the whole logits, as one process computes them
         assert all(ours <= 2 * max(fused, 1e-7) for ours, fused in zip(r["ours"], r["fused"])), r

@@ -3,13 +3,13 @@ whole head in float64 on one process, and the one-process fused loss (what FSDP2
 the same reference. Rank 0 prints one JSON line per case: the largest relative errors of the loss, dL/dh
 and dL/dW of each."""
 import json
-import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from nanolisa.kernels.linear_cross_entropy import linear_cross_entropy
+from nanolisa import vocab_parallel
+from nanolisa.kernels.linear_cross_entropy import default_chunk, linear_cross_entropy
 from nanolisa.loss import IGNORE_INDEX, head_nll
 from nanolisa.parallel import gather, init_world
 from nanolisa.vocab_parallel import split_head
@@ -21,7 +21,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b).abs().max() / b.abs().max()).item()
 
 
-def case(V: int, C: int, counts: list[int], dtype: torch.dtype, softcap: float | None, uniform: bool) -> dict:
+def case(V: int, C: int, counts: list[int], dtype: torch.dtype, softcap: float | None, uniform: bool,
+         chunk: int | None = None) -> dict:
+    """chunk: tokens per chunk instead of vocab_parallel's default (64 MB of logits: thousands of tokens at
+    these vocabularies), so that each rank's tokens take several chunks, the last one shorter."""
+    vocab_parallel.default_chunk = (lambda rows: chunk) if chunk else default_chunk
     torch.manual_seed(0)  # the same global batch on every rank
     n = sum(counts)
     w = torch.randn(V, C) * C ** -0.5
@@ -70,7 +74,8 @@ rows = [case(1001, 64, [37, 29], dtype, None, uniform)  # uneven vocabulary and 
         for dtype in (torch.float32, torch.bfloat16) for uniform in (True, False)]
 rows += [case(1000, 48, [20, 0], torch.float32, 30.0, uniform)  # a rank with no tokens; Gemma 2's soft-cap
          for uniform in (True, False)]
-rows += [case(4096, 64, [300, 300], torch.float32, None, False)]  # several chunks per rank
+rows += [case(1001, 64, [37, 29], torch.float32, None, uniform, chunk=7)  # several chunks per rank
+         for uniform in (True, False)]
 if world.is_main:
     for r in rows:
         print(json.dumps(r))
