@@ -42,7 +42,6 @@ from torch.nn.parallel import DistributedDataParallel
 from nanolisa.errors import UserError
 from nanolisa.loss import IGNORE_INDEX
 from nanolisa.runtime import pick_device
-from nanolisa.vocab_parallel import can_split, split_head
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # a rank that waits longer in a collective: something hung
 WRITE_TIMEOUT = datetime.timedelta(hours=2)  # the ranks waiting while rank 0 alone writes the final model
@@ -122,6 +121,7 @@ def shard(model: nn.Module, mp_dtype: torch.dtype | None = None) -> nn.Module:
     anything saved. Mixed precision (`mp_dtype`, e.g. bf16): each unit gathers its weights in mp_dtype for
     forward and backward, keeps fp32 master weights and reduces gradients in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # (see is_sharded)
+    from nanolisa.vocab_parallel import can_split, split_head  # it builds on this module's chunk_rows
     mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else MixedPrecisionPolicy()
     ignored: set[nn.Parameter] = set()  # parameters sharded by nanolisa, not by an FSDP2 unit
     for block in model.blocks:  # 1. one unit per transformer block: LISA's unit of freezing
@@ -178,6 +178,15 @@ class _LookUp(torch.autograd.Function):
         return None, None, None
 
 
+def chunk_rows(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of the n rows of dimension 0 that `rank` holds, split as torch.chunk splits them (FSDP2's
+    shards, DTensor's Shard(0)): ceil(n / world_size) rows a rank from rank 0 on, so the last ranks may hold
+    fewer rows, or none."""
+    c = -(-n // world_size)
+    start = min(rank * c, n)
+    return start, min(start + c, n)
+
+
 @torch.no_grad()
 def add_rows_to_shard(param: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor) -> None:
     """Add the embedding gradient of every rank's tokens (ids (n,), grad (n, C)) to this rank's rows of
@@ -187,7 +196,7 @@ def add_rows_to_shard(param: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor
     group = param.device_mesh.get_group()
     n, rank = dist.get_world_size(group), dist.get_rank(group)
     rows = param.to_local()
-    start = rank * -(-param.size(0) // n)
+    start = chunk_rows(param.size(0), n, rank)[0]
     counts = [torch.zeros(1, dtype=torch.long, device=ids.device) for _ in range(n)]  # ranks' token counts
     dist.all_gather(counts, torch.tensor([ids.numel()], device=ids.device), group=group)
     longest = int(max(c.item() for c in counts))

@@ -25,7 +25,6 @@ and the process itself.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Callable
 
@@ -36,7 +35,7 @@ from nanolisa.config import read_config
 from nanolisa.errors import UserError
 from nanolisa.lora import init_lora_A, lora_modules
 from nanolisa.model import CausalLM, build_model
-from nanolisa.parallel import World, all_sum, init_while_trainable, is_sharded, local, shard
+from nanolisa.parallel import World, all_sum, chunk_rows, init_while_trainable, is_sharded, local, shard
 from nanolisa.presets import PRESETS, load_preset
 from nanolisa.pretrained import Stored, check_fits_in_memory, match_checkpoint, read_generation_config
 from nanolisa.tokenizer import load_tokenizer
@@ -83,10 +82,7 @@ def _whole(name: str, t: torch.Tensor) -> Stored:
 
 def rows_of(param: torch.Tensor, world: World) -> tuple[int, int]:
     """[start, stop) of dimension 0 that this rank holds of an FSDP2-sharded parameter (see above)."""
-    n = param.shape[0]
-    chunk = math.ceil(n / world.world_size)
-    start = min(world.rank * chunk, n)
-    return start, min(start + chunk, n)
+    return chunk_rows(param.shape[0], world.world_size, world.rank)
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from nanolisa.kernels.linear_cross_entropy import add_outer_, default_chunk
 from nanolisa.loss import IGNORE_INDEX
+from nanolisa.parallel import chunk_rows
 
 Tensor = torch.Tensor
 
@@ -58,9 +59,8 @@ def split_head(model: nn.Module, mesh) -> None:
     from torch.distributed.tensor import DTensor, Shard
     head = model.lm_head
     w = head.weight
-    n, rank = mesh.size(), mesh.get_local_rank()
-    rows = -(-w.size(0) // n)
-    mine = w.detach()[rank * rows:(rank + 1) * rows].clone()  # (c, C), or fewer rows on the last ranks
+    start, stop = chunk_rows(w.size(0), mesh.size(), mesh.get_local_rank())
+    mine = w.detach()[start:stop].clone()  # (c, C), or fewer rows on the last ranks
     shard = DTensor.from_local(mine, mesh, [Shard(0)], run_check=False, shape=w.shape, stride=w.stride())
     head.weight = nn.Parameter(shard, requires_grad=w.requires_grad)
     head.__class__ = SplitHead
@@ -102,7 +102,7 @@ class _VocabParallelNLL(torch.autograd.Function):
         counts = _all_rows(torch.tensor([h.size(0)], device=h.device), group).tolist()  # n_r of each rank
         most = max(counts)  # every rank's per-token numbers below are padded to m: rank r's from r m on
         T = _all_rows(F.pad(targets, (0, most - h.size(0)), value=IGNORE_INDEX), group)  # (N m,)
-        start = rank * -(-vocab // len(counts))  # the first vocabulary row this rank holds
+        start = chunk_rows(vocab, len(counts), rank)[0]  # the first vocabulary row this rank holds
         wc = w.to(h.dtype)  # the compute dtype: FSDP2's bf16 under mixed precision
         loss, lse = (torch.zeros(len(T), dtype=torch.float32, device=h.device) for _ in range(2))
         grads = _new_grads(h, wc, ctx.needs_input_grad[:2] if need_grad else (False, False))
